@@ -1,0 +1,116 @@
+"""Loading local safetensors checkpoints: everything is checked before the model is touched.
+
+Pickled checkpoints (``.pth``, ``.bin``, ...) can run arbitrary code when loaded and are refused here;
+they are converted once, explicitly, with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Iterable, List, Mapping, Optional
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+__all__ = ["CheckpointError", "read_safetensors", "check_state_dict", "load_checkpoint", "strip_prefix"]
+
+_PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".pkl", ".pickle", ".tar", ".ckpt")
+_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+, zip (torch.save's default format)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the model it was meant for is left unchanged."""
+
+
+def _looks_pickled(path: str) -> bool:
+    if path.lower().endswith(_PICKLE_SUFFIXES):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return any(head.startswith(m) for m in _PICKLE_MAGIC)
+
+
+def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    """Read a safetensors file to CPU tensors, with errors that name the file and the problem."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} is not a file")
+    if _looks_pickled(path):
+        raise CheckpointError(
+            f"checkpoint {path!r} looks like a pickle (torch.save) file; wszoo loads only safetensors, because "
+            "unpickling can run code. Convert it once with torch.load(path, weights_only=True) and "
+            "safetensors.torch.save_file(state_dict, 'model.safetensors')"
+        )
+    if os.path.getsize(path) < 8:
+        raise CheckpointError(f"checkpoint {path!r} is empty or truncated ({os.path.getsize(path)} bytes)")
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path!r} is not a readable safetensors file: {e}") from e
+
+
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "module.") -> Dict[str, torch.Tensor]:
+    """Drop ``prefix`` (DataParallel/DDP's ``module.``) when every key carries it."""
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix):]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def _listing(keys: Iterable[str], limit: int = 10) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state dict", strict: bool = True
+) -> None:
+    """Raise one :class:`CheckpointError` naming every missing/unexpected key and shape mismatch."""
+    expected = model.state_dict()
+    problems: List[str] = []
+    missing = set(expected) - set(state_dict)
+    unexpected = set(state_dict) - set(expected)
+    if strict and missing:
+        problems.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+    bad_shapes = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if bad_shapes:
+        problems.append(f"shape mismatches ({len(bad_shapes)}): " + "; ".join(bad_shapes[:10]))
+    not_float = [k for k, v in state_dict.items() if k in expected and v.is_floating_point() != expected[k].is_floating_point()]
+    if not_float:
+        problems.append(f"dtype kind mismatches: {_listing(not_float)}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + " | ".join(problems))
+
+
+def load_checkpoint(model: nn.Module, path: str, strict: bool = True, prefix: Optional[str] = "module.") -> nn.Module:
+    """Load a safetensors state dict into ``model`` after checking the whole file against it.
+
+    Args:
+        model: the model to fill in place.
+        path: a ``.safetensors`` file (pickles are refused, see module docstring).
+        strict: require exactly the model's keys; with ``False`` missing/extra keys are allowed but shapes
+            must still agree.
+        prefix: a prefix to strip when every key has it (``module.`` from DataParallel); ``None`` keeps keys.
+
+    Returns:
+        ``model``. On any problem a :class:`CheckpointError` names the file and the offending keys, and the
+        model is exactly as it was.
+    """
+    state_dict = read_safetensors(path)
+    if prefix:
+        state_dict = strip_prefix(state_dict, prefix)
+    check_state_dict(model, state_dict, source=f"checkpoint {os.fspath(path)!r}", strict=strict)
+    model.load_state_dict(state_dict, strict=strict)
+    return model

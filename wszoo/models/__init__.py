@@ -1,0 +1,5 @@
+"""Model families; importing this package registers every architecture with :mod:`wszoo.registry`."""
+from .resnet_gn_ws import GNWSResNet
+from .resnetv2_bit import ResNetV2
+
+__all__ = ["GNWSResNet", "ResNetV2"]

@@ -1,0 +1,63 @@
+"""Small pieces every model family shares: stage output strides, block running, weight init."""
+from __future__ import annotations
+
+from typing import Iterable, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["stage_strides_and_dilations", "run_blocks", "init_conv_and_norm", "check_output_stride"]
+
+
+def check_output_stride(output_stride: int) -> int:
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+    return output_stride
+
+
+def stage_strides_and_dilations(
+    stage_strides: Sequence[int], output_stride: int, start_stride: int = 4
+) -> List[Tuple[int, int]]:
+    """Per stage (stride, dilation): once the net reaches ``output_stride``, later strides become dilation.
+
+    This is how segmentation backbones keep resolution (DeepLab's atrous stages) without new weights.
+    """
+    check_output_stride(output_stride)
+    out = []
+    reduction, dilation = start_stride, 1
+    for stride in stage_strides:
+        if reduction >= output_stride and stride > 1:
+            dilation *= stride
+            stride = 1
+        reduction *= stride
+        out.append((stride, dilation))
+    return out
+
+
+def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
+    """Apply ``blocks`` in order, recomputing each block's activations in backward when checkpointing."""
+    use_ckpt = grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False) if use_ckpt else block(x)
+    return x
+
+
+def init_conv_and_norm(model: nn.Module, classifier_std: float = 0.01) -> None:
+    """He-normal (fan-out) convs, unit/zero norm affines, small-normal classifiers (zero bias).
+
+    Under WS the conv scale does not change the forward pass, only the effective learning rate, so the
+    usual He init keeps weight norms, and thus step sizes, familiar to optimizer recipes.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and name.endswith("fc")):
+            nn.init.normal_(module.weight, std=classifier_std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.GroupNorm) and module.affine:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)

@@ -1,0 +1,226 @@
+"""BiT: pre-activation ResNet-v2 with GroupNorm and Weight Standardization (Kolesnikov et al., "Big
+Transfer (BiT): General Visual Representation Learning", arXiv:1912.11370).
+
+Numerics follow Google's release as ported by timm: ``timm``-style WS, ``(W - mean) / sqrt(var + 1e-8)``,
+GroupNorm(32) + ReLU before every conv (He et al. 2016, "Identity Mappings"), the stride on the 3x3
+conv, and the 'fixed' stem (7x7/2 conv, zero pad 1, 3x3/2 max pool). Module names are key-for-key
+those of timm's ``resnetv2_*_bit`` models, so the ``timm/`` Hub checkpoints load unchanged.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from functools import partial
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from timm.layers import ClassifierHead, DropPath
+
+from ..layers import GroupNormAct, WSConv2d
+from ..registry import register_model
+from ._helpers import init_conv_and_norm, run_blocks, stage_strides_and_dilations
+
+__all__ = ["ResNetV2", "PreActBottleneck"]
+
+
+class Projection(nn.Module):
+    """1x1 (strided) projection of the pre-activated input onto the shortcut: ``downsample.conv``."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int, conv_layer: Callable[..., nn.Module]) -> None:
+        super().__init__()
+        self.conv = conv_layer(in_chs, out_chs, 1, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class PreActBottleneck(nn.Module):
+    """``x + conv3(a(conv2(a(conv1(a(x))))))`` with ``a = relu . GN``; the shortcut takes ``proj(a(x))``
+    when the block changes width or stride."""
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        stride: int = 1,
+        first_dilation: int = 1,
+        project: bool = False,
+        conv_layer: Callable[..., nn.Module] = WSConv2d,
+        norm_layer: Callable[[int], nn.Module] = GroupNormAct,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        mid_chs = out_chs // 4
+        self.downsample = Projection(in_chs, out_chs, stride, conv_layer) if project else None
+        self.norm1 = norm_layer(in_chs)
+        self.conv1 = conv_layer(in_chs, mid_chs, 1)
+        self.norm2 = norm_layer(mid_chs)
+        self.conv2 = conv_layer(mid_chs, mid_chs, 3, stride=stride, dilation=first_dilation)
+        self.norm3 = norm_layer(mid_chs)
+        self.conv3 = conv_layer(mid_chs, out_chs, 1)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_preact = self.norm1(x)
+        shortcut = x if self.downsample is None else self.downsample(x_preact)
+        x = self.conv1(x_preact)
+        x = self.conv2(self.norm2(x))
+        x = self.conv3(self.norm3(x))
+        return self.drop_path(x) + shortcut
+
+
+class ResNetStage(nn.Module):
+    """A run of bottlenecks; the first projects the shortcut (``stages.i.blocks.j``)."""
+
+    def __init__(self, in_chs: int, out_chs: int, depth: int, stride: int, dilation: int,
+                 block_rates: Sequence[float], **block_kwargs) -> None:
+        super().__init__()
+        self.grad_checkpointing = False
+        first_dilation = 1 if dilation in (1, 2) else 2
+        blocks = []
+        for i in range(depth):
+            blocks.append(PreActBottleneck(
+                in_chs if i == 0 else out_chs, out_chs, stride=stride if i == 0 else 1,
+                first_dilation=first_dilation if i == 0 else dilation, project=i == 0,
+                drop_path_rate=block_rates[i], **block_kwargs,
+            ))
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_blocks(self.blocks, x, self.grad_checkpointing)
+
+
+class ResNetV2(nn.Module):
+    """BiT ResNet-v2 (pre-activation, GN+WS).
+
+    Args:
+        layers: blocks per stage, e.g. ``(3, 4, 6, 3)`` for R50.
+        width_factor: channel multiplier (the ``x1``/``x3`` of ``resnetv2_50x3_bit``).
+        num_classes: classifier outputs (a 1x1 conv, ``head.fc``); 0 for none.
+        in_chans: input image channels.
+        global_pool: ``'avg'``, ``'max'``, ``'avgmax'``, ``'catavgmax'`` or ``''``.
+        output_stride: 32, or 16/8 to dilate the last stages.
+        ws_style, ws_eps: the standardization formula; BiT was trained with ``timm`` / 1e-8.
+        drop_rate: dropout before the classifier; drop_path_rate: stochastic depth (rate per stage
+            rising linearly, as timm's).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int],
+        width_factor: int = 1,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        global_pool: str = "avg",
+        output_stride: int = 32,
+        gn_groups: int = 32,
+        ws_style: str = "timm",
+        ws_eps: Optional[float] = 1e-8,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(layers) != 4:
+            raise ValueError(f"layers must give 4 stage depths, got {tuple(layers)}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        conv_layer = partial(WSConv2d, style=ws_style, eps=ws_eps)
+        norm_layer = partial(GroupNormAct, num_groups=gn_groups)
+
+        stem_chs = 64 * width_factor
+        self.stem = nn.Sequential(OrderedDict([
+            ("conv", conv_layer(in_chans, stem_chs, 7, stride=2)),
+            ("pad", nn.ConstantPad2d(1, 0.0)),  # BiT's fixed approximation of TF 'SAME' for the pool
+            ("pool", nn.MaxPool2d(kernel_size=3, stride=2, padding=0)),
+        ]))
+        self.feature_info = [dict(num_chs=stem_chs, reduction=2, module="stem.conv")]
+
+        all_rates = torch.linspace(0, drop_path_rate, sum(layers)).split(list(layers))
+        prev_chs, reduction = stem_chs, 4
+        self.stages = nn.Sequential()
+        strides = stage_strides_and_dilations((1, 2, 2, 2), output_stride)
+        for idx, (depth, chs, (stride, dilation), rates) in enumerate(
+            zip(layers, (256, 512, 1024, 2048), strides, all_rates)
+        ):
+            out_chs = chs * width_factor
+            self.stages.add_module(str(idx), ResNetStage(
+                prev_chs, out_chs, depth, stride, dilation, rates.tolist(),
+                conv_layer=conv_layer, norm_layer=norm_layer,
+            ))
+            prev_chs, reduction = out_chs, reduction * stride
+            self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f"stages.{idx}"))
+
+        self.num_features = self.head_hidden_size = prev_chs
+        self.norm = norm_layer(prev_chs)
+        self.head = ClassifierHead(prev_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate, use_conv=True)
+        init_conv_and_norm(self)
+
+    # --- timm model API -------------------------------------------------------------------------
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier (new zero-mean ``head.fc``, 0 for none), optionally the pooling."""
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+        fc = self.head.fc
+        if isinstance(fc, nn.Conv2d):
+            nn.init.normal_(fc.weight, std=0.01)
+            nn.init.zeros_(fc.bias)
+            fc.to(self.norm.weight.device)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.stages(self.stem(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _bit(layers: Sequence[int], width_factor: int, **kwargs) -> ResNetV2:
+    return ResNetV2(layers, width_factor=width_factor, **kwargs)
+
+
+@register_model
+def resnetv2_50x1_bit(**kwargs) -> ResNetV2:
+    """BiT-M R50x1."""
+    return _bit((3, 4, 6, 3), 1, **kwargs)
+
+
+@register_model
+def resnetv2_50x3_bit(**kwargs) -> ResNetV2:
+    """BiT-M R50x3."""
+    return _bit((3, 4, 6, 3), 3, **kwargs)
+
+
+@register_model
+def resnetv2_101x1_bit(**kwargs) -> ResNetV2:
+    """BiT-M R101x1."""
+    return _bit((3, 4, 23, 3), 1, **kwargs)
+
+
+@register_model
+def resnetv2_101x3_bit(**kwargs) -> ResNetV2:
+    """BiT-M R101x3."""
+    return _bit((3, 4, 23, 3), 3, **kwargs)
+
+
+@register_model
+def resnetv2_152x2_bit(**kwargs) -> ResNetV2:
+    """BiT-M R152x2."""
+    return _bit((3, 8, 36, 3), 2, **kwargs)
+
+
+@register_model
+def resnetv2_152x4_bit(**kwargs) -> ResNetV2:
+    """BiT-M R152x4."""
+    return _bit((3, 8, 36, 3), 4, **kwargs)

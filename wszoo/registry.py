@@ -1,0 +1,204 @@
+"""The model registry: architecture entrypoints, their pretrained tags (read from ``configs/``), and
+:func:`create_model`, with timm's naming (``arch`` or ``arch.tag``) and keyword conventions."""
+from __future__ import annotations
+
+import copy
+import difflib
+import fnmatch
+import json
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+
+import torch.nn as nn
+
+__all__ = [
+    "register_model", "create_model", "list_models", "list_pretrained", "get_pretrained_cfg",
+    "is_model", "split_model_name", "UnknownModelError",
+]
+
+_entrypoints: Dict[str, Callable[..., nn.Module]] = {}
+_families: Dict[str, str] = {}
+_arch_cfgs: Optional[Dict[str, "_ArchConfig"]] = None
+
+
+class UnknownModelError(ValueError):
+    """A model name or pretrained tag that is not registered."""
+
+
+@dataclass
+class _ArchConfig:
+    """An architecture's preprocessing defaults and its pretrained tags (first tag = default tag)."""
+
+    defaults: Dict[str, Any]
+    tags: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+
+    def cfg(self, arch: str, tag: Optional[str]) -> Dict[str, Any]:
+        cfg = copy.deepcopy(self.defaults)
+        if tag:
+            cfg.update(copy.deepcopy(self.tags[tag]))
+        cfg["architecture"] = arch
+        cfg["tag"] = tag or ""
+        for key in ("input_size", "test_input_size", "mean", "std", "pool_size"):
+            if isinstance(cfg.get(key), list):
+                cfg[key] = tuple(cfg[key])
+        return cfg
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorator: register a model entrypoint under its function name (must be unique)."""
+    name = fn.__name__
+    if name in _entrypoints and _entrypoints[name] is not fn:
+        raise ValueError(f"model {name!r} is registered twice ({_families[name]} and {fn.__module__})")
+    if "." in name:
+        raise ValueError(f"model names may not contain '.', which separates the pretrained tag: {name!r}")
+    _entrypoints[name] = fn
+    _families[name] = fn.__module__.rsplit(".", 1)[-1]
+    return fn
+
+
+def _config_files() -> Iterable[Tuple[str, str]]:
+    for entry in sorted(resources.files("wszoo.configs").iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".json"):
+            yield entry.name, entry.read_text(encoding="utf-8")
+
+
+def _load_arch_configs() -> Dict[str, _ArchConfig]:
+    """Parse every ``configs/*.json`` once: ``{"defaults": {...}, "architectures": {arch: {...}}}``."""
+    global _arch_cfgs
+    if _arch_cfgs is None:
+        cfgs: Dict[str, _ArchConfig] = {}
+        for fname, text in _config_files():
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise RuntimeError(f"configs/{fname} is not valid JSON: {e}") from e
+            family_defaults = {"paper": data["paper"], **data.get("defaults", {})} if "paper" in data else data.get("defaults", {})
+            for arch, arch_data in data.get("architectures", {}).items():
+                if arch in cfgs:
+                    raise RuntimeError(f"architecture {arch!r} is configured twice (second time in configs/{fname})")
+                defaults = {**family_defaults, **arch_data.get("defaults", {})}
+                cfgs[arch] = _ArchConfig(defaults, dict(arch_data.get("tags", {})))
+        _arch_cfgs = cfgs
+    return _arch_cfgs
+
+
+def _ensure_models_imported() -> None:
+    from . import models  # noqa: F401  (importing the package registers every family)
+
+
+def _natural_key(name: str) -> List[Union[int, str]]:
+    """Sort ``resnet50`` before ``resnet101``: digit runs compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name.lower())]
+
+
+def split_model_name(name: str) -> Tuple[str, str]:
+    """``'arch.tag'`` -> ``('arch', 'tag')``; ``'arch'`` -> ``('arch', '')``."""
+    arch, _, tag = name.partition(".")
+    return arch, tag
+
+
+def _arch_config(arch: str) -> _ArchConfig:
+    return _load_arch_configs().get(arch) or _ArchConfig({})
+
+
+def _unknown_model(name: str) -> UnknownModelError:
+    known = sorted(_entrypoints) + list_pretrained()
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return UnknownModelError(f"Unknown model {name!r}.{hint} `wszoo list` shows all {len(_entrypoints)} models.")
+
+
+def is_model(name: str) -> bool:
+    """True if ``name`` (``arch`` or ``arch.tag``) can be created."""
+    _ensure_models_imported()
+    arch, tag = split_model_name(name)
+    return arch in _entrypoints and (not tag or tag in _arch_config(arch).tags)
+
+
+def get_pretrained_cfg(name: str) -> Dict[str, Any]:
+    """The pretrained config (preprocessing, classes, source) of ``arch.tag``, or of ``arch``'s default tag.
+
+    For an architecture with no pretrained tag this is its preprocessing defaults, with ``tag`` ``''``.
+    """
+    _ensure_models_imported()
+    arch, tag = split_model_name(name)
+    if arch not in _entrypoints:
+        raise _unknown_model(name)
+    arch_cfg = _arch_config(arch)
+    if tag and tag not in arch_cfg.tags:
+        tags = ", ".join(f"{arch}.{t}" for t in arch_cfg.tags) or "none"
+        raise UnknownModelError(f"Unknown pretrained tag {tag!r} for {arch!r}; available: {tags}")
+    if not tag and arch_cfg.tags:
+        tag = next(iter(arch_cfg.tags))
+    return arch_cfg.cfg(arch, tag)
+
+
+def list_models(filter: Union[str, List[str]] = "", pretrained: bool = False) -> List[str]:
+    """Registered names matching ``filter`` (shell wildcards, one pattern or a list).
+
+    ``pretrained=True`` lists only names with weights, as ``arch.tag`` (every tag).
+    """
+    _ensure_models_imported()
+    names = list_pretrained() if pretrained else sorted(_entrypoints, key=_natural_key)
+    patterns = [filter] if isinstance(filter, str) else list(filter)
+    patterns = [p for p in patterns if p]
+    if patterns:
+        names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)]
+    return names
+
+
+def list_pretrained(filter: str = "") -> List[str]:
+    """Every ``arch.tag`` with a pretrained checkpoint, optionally filtered by a wildcard pattern."""
+    _ensure_models_imported()
+    out = sorted((f"{arch}.{tag}" for arch in _entrypoints for tag in _arch_config(arch).tags), key=_natural_key)
+    return [n for n in out if fnmatch.fnmatch(n, filter)] if filter else out
+
+
+def create_model(
+    model_name: str,
+    pretrained: bool = False,
+    num_classes: Optional[int] = None,
+    in_chans: int = 3,
+    checkpoint_path: Optional[str] = None,
+    drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a registered model by name, timm-style.
+
+    Args:
+        model_name: ``arch`` or ``arch.tag``; the tag selects the pretrained config (and its class count).
+        pretrained: load the tag's published weights. Downloading them is not part of this release:
+            until it is, pass ``checkpoint_path`` to a local safetensors file.
+        num_classes: classifier outputs; defaults to the pretrained config's (1000 for ImageNet-1k).
+        in_chans: input channels.
+        checkpoint_path: a local ``.safetensors`` state dict to load strictly (checked before any copy).
+        drop_rate, drop_path_rate: classifier dropout and stochastic depth.
+        **kwargs: passed to the architecture (e.g. ``global_pool``, ``output_stride``, ``ws_style``).
+
+    The model gets ``pretrained_cfg`` (a dict usable by ``timm.data.resolve_data_config``).
+    """
+    _ensure_models_imported()
+    arch, tag = split_model_name(model_name)
+    if arch not in _entrypoints:
+        raise _unknown_model(model_name)
+    cfg = get_pretrained_cfg(model_name)
+    if pretrained:
+        raise NotImplementedError(
+            f"pretrained=True for {model_name!r}: downloading published weights is not in this wszoo release; "
+            "load a local safetensors file with checkpoint_path=... instead"
+        )
+    if num_classes is None:
+        num_classes = int(cfg.get("num_classes", 1000))
+    model = _entrypoints[arch](
+        num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, drop_path_rate=drop_path_rate, **kwargs
+    )
+    model.pretrained_cfg = cfg
+    model.default_cfg = cfg  # older timm helpers read this name
+    if checkpoint_path is not None:
+        from .checkpoint import load_checkpoint
+
+        load_checkpoint(model, checkpoint_path)
+    return model
