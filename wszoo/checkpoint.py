@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 __all__ = ["CheckpointError", "read_safetensors", "check_state_dict", "load_checkpoint", "strip_prefix"]
 
 _PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".pkl", ".pickle", ".tar", ".ckpt")
-_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+, zip (torch.save's default format)
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
 
 
 class CheckpointError(ValueError):
@@ -28,10 +28,13 @@ def _looks_pickled(path: str) -> bool:
         return True
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(9)
     except OSError:
         return False
-    return any(head.startswith(m) for m in _PICKLE_MAGIC)
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: u64 header length, then the JSON header
+        return False
+    # zip archive, or a pickle's PROTO opcode (0x80) followed by a protocol number 2..5
+    return head.startswith(_ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def read_safetensors(path: str) -> Dict[str, torch.Tensor]:

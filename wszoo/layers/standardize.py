@@ -13,7 +13,7 @@ style      formula                                                used by       
 =========  =====================================================  ============================  =======
 
 (BiT models use ``timm`` with eps 1e-8.) The statistics are always computed in float32, also under
-fp16/bf16 autocast, and the result is returned in the weight's own dtype.
+fp16/bf16 autocast (float64 weights in float64), and the result is returned in the weight's own dtype.
 """
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ def _timm(w2d: torch.Tensor, eps: float) -> torch.Tensor:
 
 def _qiao(w2d: torch.Tensor, eps: float) -> torch.Tensor:
     var, mean = torch.var_mean(w2d, dim=1, correction=1, keepdim=True)
-    return (w2d - mean) / (var.sqrt() + eps)
+    # The clamp (at the dtype's smallest normal) only matters for a constant filter, where sqrt'(0) would
+    # turn the zero upstream gradient into NaN; the output there is 0 either way.
+    return (w2d - mean) / (var.clamp_min(torch.finfo(var.dtype).tiny).sqrt() + eps)
 
 
 def _bcn(w2d: torch.Tensor, eps: float) -> torch.Tensor:
@@ -46,7 +48,6 @@ _STYLE_FNS: Dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
     "qiao": _qiao,
     "bcn": _bcn,
 }
-_UNBIASED_STYLES = frozenset({"qiao", "bcn"})
 
 #: The styles :func:`standardize_weight` understands.
 WS_STYLES = tuple(_STYLE_FNS)
@@ -82,17 +83,19 @@ def standardize_weight(weight: torch.Tensor, style: str = "timm", eps: Optional[
     if weight.dim() < 2:
         raise ValueError(f"weight must have an output dim and a fan-in, got shape {tuple(weight.shape)}")
     fan_in = fan_in_of(weight)
-    if style in _UNBIASED_STYLES and fan_in < 2:
-        raise ValueError(f"style {style!r} uses the unbiased variance, which needs fan_in >= 2 (got {fan_in})")
+    if fan_in < 2:
+        raise ValueError(f"cannot standardize filters of fan-in {fan_in}: a single weight standardizes to 0")
     eps = DEFAULT_EPS[style] if eps is None else float(eps)
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0 (it keeps constant filters finite), got {eps}")
     w2d = weight.reshape(weight.shape[0], fan_in)
-    # Statistics in float32 whatever the autocast state or parameter dtype; the caller's conv casts on.
+    # Statistics in float32 (float64 stays float64) whatever the autocast state or parameter dtype;
+    # the caller's conv then runs in the autocast dtype.
+    w2d = w2d.to(torch.promote_types(w2d.dtype, torch.float32))
     device_type = weight.device.type
     if torch.amp.is_autocast_available(device_type):
         with torch.autocast(device_type=device_type, enabled=False):
-            out = _STYLE_FNS[style](w2d.float(), eps)
+            out = _STYLE_FNS[style](w2d, eps)
     else:  # e.g. the meta device, used to build large models without allocating them
-        out = _STYLE_FNS[style](w2d.float(), eps)
+        out = _STYLE_FNS[style](w2d, eps)
     return out.to(weight.dtype).reshape(weight.shape)

@@ -28,12 +28,12 @@ class _WSMixin:
     def _init_ws(self, style: str, eps: Optional[float]) -> None:
         self.ws_style = check_style(style)
         self.ws_eps = DEFAULT_EPS[style] if eps is None else float(eps)
-        if self.ws_eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        if style in ("qiao", "bcn") and fan_in_of(self.weight) < 2:
+        if not self.ws_eps > 0:
+            raise ValueError(f"eps must be > 0 (it keeps constant filters finite), got {eps}")
+        if fan_in_of(self.weight) < 2:
             raise ValueError(
-                f"style {style!r} uses the unbiased variance and needs a fan-in of at least 2; "
-                f"this layer's fan-in is {fan_in_of(self.weight)}"
+                f"weight standardization needs a fan-in of at least 2 per filter; this layer's is "
+                f"{fan_in_of(self.weight)} (use a plain layer here)"
             )
 
     def standardized_weight(self) -> torch.Tensor:

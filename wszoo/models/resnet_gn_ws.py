@@ -116,7 +116,7 @@ class GNWSResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.feature_info = [dict(num_chs=64, reduction=2, module="relu")]
 
-        block_rates = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
+        block_rates = torch.linspace(0, drop_path_rate, sum(layers), device="cpu").tolist()
         inplanes, reduction, block_idx = 64, 4, 0
         strides = stage_strides_and_dilations((1, 2, 2, 2), output_stride)
         for stage_idx, (depth, planes, (stride, dilation)) in enumerate(zip(layers, (64, 128, 256, 512), strides)):

@@ -136,7 +136,7 @@ class ResNetV2(nn.Module):
         ]))
         self.feature_info = [dict(num_chs=stem_chs, reduction=2, module="stem.conv")]
 
-        all_rates = torch.linspace(0, drop_path_rate, sum(layers)).split(list(layers))
+        all_rates = torch.linspace(0, drop_path_rate, sum(layers), device="cpu").split(list(layers))
         prev_chs, reduction = stem_chs, 4
         self.stages = nn.Sequential()
         strides = stage_strides_and_dilations((1, 2, 2, 2), output_stride)

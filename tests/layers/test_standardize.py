@@ -1,0 +1,159 @@
+"""standardize_weight against direct transcriptions of each upstream formula, and WS's properties."""
+import pytest
+import torch
+
+from wszoo.layers import DEFAULT_EPS, WS_STYLES, standardize_weight
+
+
+# --- direct transcriptions of the upstream code (float64, written as the papers/repos write them) ---
+def ref_timm(w, eps):  # timm StdConv2d: batch_norm over (1, out, fan_in): biased var, eps inside sqrt
+    flat = w.reshape(w.shape[0], -1)
+    mean = flat.mean(1, keepdim=True)
+    var = ((flat - mean) ** 2).mean(1, keepdim=True)
+    return ((flat - mean) / torch.sqrt(var + eps)).reshape(w.shape)
+
+
+def ref_qiao(w, eps):  # Qiao et al.'s Conv2d.forward: mean over dims 1..3, unbiased std + eps outside
+    mean = w.mean(dim=1, keepdim=True).mean(dim=2, keepdim=True).mean(dim=3, keepdim=True)
+    w = w - mean
+    std = w.view(w.size(0), -1).std(dim=1).view(-1, 1, 1, 1) + eps
+    return w / std.expand_as(w)
+
+
+def ref_bcn(w, eps):  # BCN repo: unbiased var, eps inside sqrt
+    flat = w.reshape(w.shape[0], -1)
+    mean = flat.mean(1, keepdim=True)
+    var = ((flat - mean) ** 2).sum(1, keepdim=True) / (flat.shape[1] - 1)
+    return ((flat - mean) / torch.sqrt(var + eps)).reshape(w.shape)
+
+
+REFERENCES = {"timm": ref_timm, "qiao": ref_qiao, "bcn": ref_bcn}
+
+
+def test_every_style_has_a_reference_and_a_default_eps():
+    assert set(WS_STYLES) == set(REFERENCES) == set(DEFAULT_EPS)
+    assert DEFAULT_EPS == {"timm": 1e-6, "qiao": 1e-5, "bcn": 1e-5}
+
+
+@pytest.mark.parametrize("style", WS_STYLES)
+@pytest.mark.parametrize("shape", [(16, 8, 3, 3), (7, 1, 5, 5), (32, 64, 1, 1)])
+def test_matches_upstream_formula(style, shape):
+    torch.manual_seed(0)
+    # small weights make eps matter, so a misplaced eps would show
+    w = torch.randn(shape, dtype=torch.float64) * 3e-3 + 1e-3
+    eps = DEFAULT_EPS[style]
+    got = standardize_weight(w, style)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, REFERENCES[style](w, eps), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("style", WS_STYLES)
+def test_float32_close_to_float64_reference(style):
+    torch.manual_seed(1)
+    w = torch.randn(24, 12, 3, 3)
+    ref = REFERENCES[style](w.double(), DEFAULT_EPS[style]).float()
+    torch.testing.assert_close(standardize_weight(w, style), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_eps_placement_distinguishes_styles():
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64) * 1e-3
+    outs = {s: standardize_weight(w, s, eps=1e-5) for s in WS_STYLES}
+    assert not torch.allclose(outs["timm"], outs["qiao"])
+    assert not torch.allclose(outs["qiao"], outs["bcn"])
+
+
+@pytest.mark.parametrize("style", WS_STYLES)
+def test_zero_mean_unit_variance_per_filter(style):
+    torch.manual_seed(2)
+    w = torch.randn(32, 16, 3, 3, dtype=torch.float64) * 0.5 + 0.3
+    flat = standardize_weight(w, style, eps=1e-12).reshape(32, -1)
+    torch.testing.assert_close(flat.mean(1), torch.zeros(32, dtype=torch.float64), atol=1e-12, rtol=0)
+    # timm normalizes the biased variance to 1; the unbiased styles the unbiased one
+    correction = 0 if style == "timm" else 1
+    torch.testing.assert_close(flat.var(1, correction=correction), torch.ones(32, dtype=torch.float64))
+    n = flat.shape[1]
+    biased = flat.var(1, correction=0)
+    expected_biased = torch.full_like(biased, 1.0 if style == "timm" else (n - 1) / n)
+    torch.testing.assert_close(biased, expected_biased)
+
+
+@pytest.mark.parametrize("style", WS_STYLES)
+def test_invariant_to_per_filter_affine(style):
+    torch.manual_seed(3)
+    w = torch.randn(8, 4, 3, 3, dtype=torch.float64)
+    a = torch.rand(8, 1, 1, 1, dtype=torch.float64) * 5 + 0.1
+    b = torch.randn(8, 1, 1, 1, dtype=torch.float64) * 10
+    torch.testing.assert_close(
+        standardize_weight(a * w + b, style, eps=1e-14), standardize_weight(w, style, eps=1e-14)
+    )
+
+
+@pytest.mark.parametrize("style", WS_STYLES)
+def test_gradient_flows_and_is_orthogonal_to_filter_mean(style):
+    torch.manual_seed(4)
+    w = torch.randn(6, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(6, 5, 3, 3, dtype=torch.float64)
+    (standardize_weight(w, style, eps=1e-10) * upstream).sum().backward()
+    grad = w.grad.reshape(6, -1)
+    assert grad.abs().max() > 1e-3
+    # adding a constant to a filter does not change the output, so the gradient has no such component
+    torch.testing.assert_close(grad.sum(1), torch.zeros(6, dtype=torch.float64), atol=1e-10, rtol=0)
+    # and (up to eps) scaling a filter does not either
+    torch.testing.assert_close((grad * w.detach().reshape(6, -1)).sum(1), torch.zeros(6, dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("style", WS_STYLES)
+def test_constant_filters_stay_finite(style):
+    w = torch.ones(4, 3, 3, 3, requires_grad=True)
+    out = standardize_weight(w, style)
+    assert torch.isfinite(out).all() and out.abs().max() == 0
+    out.sum().backward()
+    assert torch.isfinite(w.grad).all()
+    z = torch.zeros(4, 3, 3, 3, requires_grad=True)
+    (standardize_weight(z, style) * torch.randn(4, 3, 3, 3)).sum().backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def test_linear_weights_standardize_over_in_features():
+    w = torch.randn(10, 20, dtype=torch.float64)
+    torch.testing.assert_close(standardize_weight(w, "timm", 1e-6), ref_timm(w, 1e-6))
+
+
+def test_half_precision_weights_are_standardized_in_float32():
+    torch.manual_seed(5)
+    w = torch.randn(16, 8, 3, 3).half()
+    got = standardize_weight(w, "qiao")
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got, ref_qiao(w.double(), 1e-5).half(), rtol=1e-3, atol=1e-3)
+    assert torch.equal(got, standardize_weight(w.float(), "qiao").half())
+
+
+def test_autocast_does_not_lower_the_statistics_precision():
+    torch.manual_seed(6)
+    w = torch.randn(16, 8, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = standardize_weight(w, "timm")
+    assert got.dtype == torch.float32
+    assert torch.equal(got, standardize_weight(w, "timm"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(style="nope"), "unknown weight-standardization style 'nope'"),
+        (dict(style="timm", eps=0.0), "eps must be > 0"),
+        (dict(style="timm", eps=-1.0), "eps must be > 0"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        standardize_weight(torch.randn(4, 3, 3, 3), **kwargs)
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="fan-in"):
+        standardize_weight(torch.randn(5))
+    for style in WS_STYLES:
+        with pytest.raises(ValueError, match="fan-in 1"):
+            standardize_weight(torch.randn(5, 1, 1, 1), style)

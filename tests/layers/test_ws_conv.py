@@ -1,0 +1,115 @@
+"""WS layers: outputs against plain ops on reference weights and against timm's StdConv2d."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import StdConv2d, StdConv2dSame
+
+from wszoo.layers import GroupNormAct, WSConv2d, WSConv2dSame, WSLinear, get_act_layer, is_ws_layer
+
+from .test_standardize import REFERENCES
+
+
+@pytest.mark.parametrize("style", ["timm", "qiao", "bcn"])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_conv_output_equals_conv_with_reference_weight(style, groups):
+    torch.manual_seed(0)
+    conv = WSConv2d(8, 16, 3, stride=2, groups=groups, bias=True, style=style).double()
+    nn.init.normal_(conv.bias)
+    x = torch.randn(2, 8, 11, 11, dtype=torch.float64)
+    w = REFERENCES[style](conv.weight.detach(), conv.ws_eps)
+    assert conv.weight.shape[1] == 8 // groups  # fan-in per group's filter
+    expected = F.conv2d(x, w, conv.bias, stride=2, padding=1, groups=groups)
+    torch.testing.assert_close(conv(x), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(conv.standardized_weight(), w, rtol=1e-10, atol=1e-12)
+
+
+def test_timm_style_is_bitwise_timm_stdconv():
+    torch.manual_seed(1)
+    ours = WSConv2d(16, 32, 3, stride=2, dilation=2, style="timm", eps=1e-8)
+    ref = StdConv2d(16, 32, 3, stride=2, dilation=2, eps=1e-8)
+    ref.load_state_dict(ours.state_dict())
+    assert ours.padding == ref.padding
+    x = torch.randn(2, 16, 20, 20)
+    assert torch.equal(ours(x), ref(x))
+
+
+@pytest.mark.parametrize("stride, size", [(1, 9), (2, 9), (2, 10), (2, 7)])
+def test_same_padding_matches_timm(stride, size):
+    torch.manual_seed(2)
+    ours = WSConv2dSame(4, 8, 3, stride=stride, style="timm", eps=1e-6)
+    ref = StdConv2dSame(4, 8, 3, stride=stride, eps=1e-6)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 4, size, size)
+    out = ours(x)
+    assert out.shape[-1] == -(-size // stride)  # ceil(size / stride), TF 'SAME'
+    torch.testing.assert_close(out, ref(x))
+
+
+def test_same_padding_rejects_numbers():
+    with pytest.raises(TypeError, match="padding mode string"):
+        WSConv2dSame(4, 8, 3, padding=1)
+
+
+@pytest.mark.parametrize("style", ["timm", "qiao", "bcn"])
+def test_linear(style):
+    torch.manual_seed(3)
+    lin = WSLinear(20, 7, style=style).double()
+    x = torch.randn(5, 20, dtype=torch.float64)
+    w = REFERENCES[style](lin.weight.detach().reshape(7, 20, 1, 1), lin.ws_eps).reshape(7, 20)
+    torch.testing.assert_close(lin(x), x @ w.T + lin.bias, rtol=1e-10, atol=1e-10)
+
+
+def test_layers_keep_plain_state_dict_keys():
+    assert set(WSConv2d(3, 8, 3, bias=True).state_dict()) == set(nn.Conv2d(3, 8, 3).state_dict())
+    assert set(WSLinear(3, 8).state_dict()) == set(nn.Linear(3, 8).state_dict())
+    plain = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    ws = WSConv2d(3, 8, 3, style="qiao")
+    ws.load_state_dict(plain.state_dict())  # a plain checkpoint loads as is
+    assert is_ws_layer(ws) and not is_ws_layer(plain)
+
+
+def test_layer_argument_errors():
+    with pytest.raises(ValueError, match="unknown weight-standardization style"):
+        WSConv2d(3, 8, 3, style="torch")
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        WSLinear(3, 8, eps=0)
+    with pytest.raises(ValueError, match="fan-in of at least 2"):
+        WSConv2d(4, 4, 1, groups=4)  # depthwise 1x1: one weight per filter
+
+
+def test_autocast_convolves_in_low_precision_with_float32_statistics():
+    torch.manual_seed(4)
+    conv = WSConv2d(8, 16, 3)
+    x = torch.randn(2, 8, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+        w = conv.standardized_weight()
+    assert out.dtype == torch.bfloat16 and w.dtype == torch.float32
+    ref = conv(x)
+    assert (out.float() - ref).norm() / ref.norm() < 1e-2
+
+
+def test_gradients_reach_weight_and_bias():
+    conv = WSConv2d(4, 6, 3, bias=True, style="bcn")
+    conv(torch.randn(2, 4, 6, 6)).square().mean().backward()
+    assert conv.weight.grad.abs().sum() > 0 and conv.bias.grad.abs().sum() > 0
+
+
+def test_group_norm_act_equals_group_norm_then_relu():
+    torch.manual_seed(5)
+    gn = GroupNormAct(64, num_groups=32)
+    nn.init.normal_(gn.weight)
+    nn.init.normal_(gn.bias)
+    x = torch.randn(2, 64, 5, 5)
+    torch.testing.assert_close(gn(x), F.relu(F.group_norm(x, 32, gn.weight, gn.bias, 1e-5)))
+    assert set(gn.state_dict()) == {"weight", "bias"}
+    torch.testing.assert_close(GroupNormAct(64, apply_act=False)(x), F.group_norm(x, 32, eps=1e-5))
+    with pytest.raises(ValueError, match="divisible"):
+        GroupNormAct(48, num_groups=32)
+
+
+def test_act_lookup():
+    assert get_act_layer("silu") is nn.SiLU and get_act_layer(nn.GELU) is nn.GELU and get_act_layer(None) is None
+    with pytest.raises(ValueError, match="unknown activation 'swishy'"):
+        get_act_layer("swishy")

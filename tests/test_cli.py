@@ -1,0 +1,63 @@
+"""The wszoo command line: list, info, demo, errors, and `python -m wszoo`."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from wszoo.cli import main
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.split()
+    assert lines[0] == "resnet50_gn_ws" and "resnetv2_152x4_bit" in lines
+
+
+def test_list_pretrained_filtered(capsys):
+    assert main(["list", "*152x4*", "--pretrained"]) == 0
+    assert capsys.readouterr().out.split() == ["resnetv2_152x4_bit.goog_in21k", "resnetv2_152x4_bit.goog_in21k_ft_in1k"]
+
+
+def test_list_no_match(capsys):
+    assert main(["list", "vit*"]) == 1
+    assert "no model matches 'vit*'" in capsys.readouterr().err
+
+
+def test_info_json_with_forward(capsys):
+    assert main(["info", "resnet50_gn_ws", "--forward", "--img-size", "32", "--num-classes", "7", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["param_count"] == 23_522_375
+    assert info["forward"]["output_shape"] == [1, 7]
+    assert info["pretrained_cfg"]["input_size"] == [3, 224, 224]
+
+
+def test_info_unknown_model(capsys):
+    assert main(["info", "resnet50_gnws"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wszoo info: error: Unknown model 'resnet50_gnws'. Did you mean: resnet50_gn_ws")
+
+
+def test_info_bad_checkpoint(capsys, tmp_path):
+    assert main(["info", "resnet50_gn_ws", "--checkpoint", str(tmp_path / "x.pth")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_demo_runs_every_family(capsys):
+    assert main(["demo", "--img-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "10 registered models" in out
+    assert "resnet_gn_ws: resnet50_gn_ws" in out and "resnetv2_bit: resnetv2_50x1_bit" in out
+
+
+def test_python_dash_m():
+    proc = subprocess.run([sys.executable, "-m", "wszoo", "list", "resnext*"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["resnext50_32x4d_gn_ws", "resnext101_32x4d_gn_ws"]
+
+
+@pytest.mark.parametrize("argv", [[], ["frobnicate"]])
+def test_bad_usage_exits_2(argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2

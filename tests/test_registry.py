@@ -1,0 +1,90 @@
+"""Registry: names, tags, pretrained cfgs read from configs/, errors, create_model kwargs."""
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import wszoo
+from wszoo.registry import split_model_name
+
+
+def test_list_models_and_filters():
+    names = wszoo.list_models()
+    assert names[:4] == ["resnet50_gn_ws", "resnet101_gn_ws", "resnetv2_50x1_bit", "resnetv2_50x3_bit"]
+    assert len(names) == 10
+    assert wszoo.list_models("resnext*") == ["resnext50_32x4d_gn_ws", "resnext101_32x4d_gn_ws"]
+    assert wszoo.list_models(["*50x1*", "resnet101*"]) == ["resnet101_gn_ws", "resnetv2_50x1_bit"]
+    assert wszoo.list_models("nothing*") == []
+
+
+def test_list_pretrained_has_every_timm_bit_tag():
+    ours = set(wszoo.list_pretrained())
+    assert ours == set(wszoo.list_models(pretrained=True))
+    assert ours == set(timm.list_pretrained("resnetv2_*_bit*"))
+    assert wszoo.list_pretrained("*50x1*") == [
+        "resnetv2_50x1_bit.goog_distilled_in1k", "resnetv2_50x1_bit.goog_in21k", "resnetv2_50x1_bit.goog_in21k_ft_in1k"]
+
+
+@pytest.mark.parametrize("name", timm.list_pretrained("resnetv2_*_bit*"))
+def test_pretrained_cfg_matches_timm(name):
+    ours = wszoo.get_pretrained_cfg(name)
+    ref = timm.models.get_pretrained_cfg(name).to_dict()
+    for key in ("num_classes", "input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std",
+                "first_conv", "classifier", "license", "hf_hub_id"):
+        assert ours[key] == (tuple(ref[key]) if isinstance(ref[key], list) else ref[key]), key
+    assert ours["tag"] == split_model_name(name)[1]
+
+
+@pytest.mark.parametrize("arch", wszoo.list_models("resnetv2_*"))
+def test_default_tag_is_timms(arch):
+    assert wszoo.get_pretrained_cfg(arch)["tag"] == timm.models.get_pretrained_cfg(arch).to_dict()["tag"]
+
+
+def test_untagged_architecture_cfg():
+    cfg = wszoo.get_pretrained_cfg("resnet50_gn_ws")
+    assert cfg["tag"] == "" and cfg["input_size"] == (3, 224, 224) and cfg["mean"] == (0.485, 0.456, 0.406)
+
+
+def test_unknown_names_suggest_close_matches():
+    with pytest.raises(wszoo.UnknownModelError, match=r"Unknown model 'resnet50_gnws'\. Did you mean: resnet50_gn_ws"):
+        wszoo.create_model("resnet50_gnws")
+    with pytest.raises(wszoo.UnknownModelError, match="Unknown model 'zzz'. `wszoo list`"):
+        wszoo.get_pretrained_cfg("zzz")
+    with pytest.raises(wszoo.UnknownModelError, match=r"Unknown pretrained tag 'in1k'.*resnetv2_50x1_bit.goog_in21k"):
+        wszoo.create_model("resnetv2_50x1_bit.in1k")
+    assert not wszoo.is_model("resnetv2_50x1_bit.in1k") and wszoo.is_model("resnetv2_50x1_bit.goog_in21k")
+
+
+def test_tag_sets_num_classes_and_cfg():
+    with torch.device("meta"):
+        model = wszoo.create_model("resnetv2_50x1_bit.goog_in21k")
+        assert model.num_classes == 21843 and model.pretrained_cfg["tag"] == "goog_in21k"
+        assert wszoo.create_model("resnetv2_50x1_bit.goog_in21k", num_classes=4).num_classes == 4
+
+
+def test_pretrained_download_is_refused_clearly():
+    with pytest.raises(NotImplementedError, match="checkpoint_path"):
+        wszoo.create_model("resnetv2_50x1_bit", pretrained=True)
+
+
+def test_checkpoint_path_round_trip(tmp_path):
+    torch.manual_seed(0)
+    src = wszoo.create_model("resnet50_gn_ws", num_classes=3).eval()
+    path = tmp_path / "model.safetensors"
+    save_file({f"module.{k}": v for k, v in src.state_dict().items()}, str(path))  # DataParallel prefix
+    loaded = wszoo.create_model("resnet50_gn_ws", num_classes=3, checkpoint_path=str(path)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), src(x))
+
+
+def test_register_model_rejects_duplicates_and_dots():
+    def resnet50_gn_ws(**kwargs):
+        return None
+
+    with pytest.raises(ValueError, match="registered twice"):
+        wszoo.register_model(resnet50_gn_ws)
+    fn = lambda **kw: None  # noqa: E731
+    fn.__name__ = "bad.name"
+    with pytest.raises(ValueError, match="may not contain '.'"):
+        wszoo.register_model(fn)
