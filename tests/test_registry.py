@@ -88,3 +88,10 @@ def test_register_model_rejects_duplicates_and_dots():
     fn.__name__ = "bad.name"
     with pytest.raises(ValueError, match="may not contain '.'"):
         wszoo.register_model(fn)
+
+
+def test_model_family():
+    assert wszoo.registry.model_family("resnetv2_50x1_bit.goog_in21k") == "resnetv2_bit"
+    assert wszoo.registry.model_family("resnext50_32x4d_gn_ws") == "resnet_gn_ws"
+    with pytest.raises(wszoo.UnknownModelError):
+        wszoo.registry.model_family("vit_base")

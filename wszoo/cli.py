@@ -82,7 +82,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"  {name}")
     families = {}
     for name in names:
-        families.setdefault(registry._families[name], name)
+        families.setdefault(registry.model_family(name), name)  # list order: smallest first
     torch.manual_seed(0)
     for family, name in sorted(families.items()):
         model = registry.create_model(name)

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 __all__ = [
     "register_model", "create_model", "list_models", "list_pretrained", "get_pretrained_cfg",
-    "is_model", "split_model_name", "UnknownModelError",
+    "is_model", "model_family", "split_model_name", "UnknownModelError",
 ]
 
 _entrypoints: Dict[str, Callable[..., nn.Module]] = {}
@@ -108,6 +108,15 @@ def _unknown_model(name: str) -> UnknownModelError:
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     return UnknownModelError(f"Unknown model {name!r}.{hint} `wszoo list` shows all {len(_entrypoints)} models.")
+
+
+def model_family(name: str) -> str:
+    """The family (module of ``wszoo.models``) an architecture belongs to, e.g. ``'resnetv2_bit'``."""
+    _ensure_models_imported()
+    arch, _ = split_model_name(name)
+    if arch not in _families:
+        raise _unknown_model(name)
+    return _families[arch]
 
 
 def is_model(name: str) -> bool:

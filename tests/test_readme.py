@@ -1,0 +1,17 @@
+"""The README's Python examples run as written, in order, in one namespace (as a reader would)."""
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_examples_run():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert len(blocks) >= 2
+    namespace = {}
+    exec(compile("\n".join(blocks), "README.md", "exec"), namespace)
+    # the values the README's comments promise
+    assert namespace["logits"].shape == (1, 10)
+    assert tuple(namespace["features"].shape) == (1, 2048, 7, 7)
+    assert (namespace["bit"].pretrained_cfg["input_size"], namespace["bit"].pretrained_cfg["crop_pct"]) == ((3, 448, 448), 1.0)
+    assert namespace["wszoo"].list_models("resnet*")[:3] == ["resnet50_gn_ws", "resnet101_gn_ws", "resnetv2_50x1_bit"]
