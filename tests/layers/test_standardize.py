@@ -27,15 +27,30 @@ def ref_bcn(w, eps):  # BCN repo: unbiased var, eps inside sqrt
     return ((flat - mean) / torch.sqrt(var + eps)).reshape(w.shape)
 
 
+def ref_timm_scaled(w, eps, gain, gamma):  # timm ScaledStdConv2d: gain * gamma / sqrt(fan_in) * timm-WS
+    fan_in = w[0].numel()
+    return gain.reshape(-1, *([1] * (w.dim() - 1))) * gamma * fan_in ** -0.5 * ref_timm(w, eps)
+
+
+def ref_deepmind(w, eps, gain, gamma):  # DeepMind WSConv2D (HWIO there; OIHW here): W*s - mean*s
+    flat = w.reshape(w.shape[0], -1)
+    mean = flat.mean(1, keepdim=True)
+    var = flat.var(1, correction=0, keepdim=True)
+    scale = torch.rsqrt(torch.maximum(var * flat.shape[1], torch.tensor(eps, dtype=w.dtype))) * gain.reshape(-1, 1)
+    return (gamma * (flat * scale - mean * scale)).reshape(w.shape)
+
+
 REFERENCES = {"timm": ref_timm, "qiao": ref_qiao, "bcn": ref_bcn}
+SCALED_REFERENCES = {"timm_scaled": ref_timm_scaled, "deepmind": ref_deepmind}
+UNSCALED = tuple(REFERENCES)
 
 
 def test_every_style_has_a_reference_and_a_default_eps():
-    assert set(WS_STYLES) == set(REFERENCES) == set(DEFAULT_EPS)
-    assert DEFAULT_EPS == {"timm": 1e-6, "qiao": 1e-5, "bcn": 1e-5}
+    assert set(WS_STYLES) == set(REFERENCES) | set(SCALED_REFERENCES) == set(DEFAULT_EPS)
+    assert DEFAULT_EPS == {"timm": 1e-6, "qiao": 1e-5, "bcn": 1e-5, "timm_scaled": 1e-5, "deepmind": 1e-4}
 
 
-@pytest.mark.parametrize("style", WS_STYLES)
+@pytest.mark.parametrize("style", UNSCALED)
 @pytest.mark.parametrize("shape", [(16, 8, 3, 3), (7, 1, 5, 5), (32, 64, 1, 1)])
 def test_matches_upstream_formula(style, shape):
     torch.manual_seed(0)
@@ -47,7 +62,7 @@ def test_matches_upstream_formula(style, shape):
     torch.testing.assert_close(got, REFERENCES[style](w, eps), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("style", WS_STYLES)
+@pytest.mark.parametrize("style", UNSCALED)
 def test_float32_close_to_float64_reference(style):
     torch.manual_seed(1)
     w = torch.randn(24, 12, 3, 3)
@@ -57,12 +72,12 @@ def test_float32_close_to_float64_reference(style):
 
 def test_eps_placement_distinguishes_styles():
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64) * 1e-3
-    outs = {s: standardize_weight(w, s, eps=1e-5) for s in WS_STYLES}
+    outs = {s: standardize_weight(w, s, eps=1e-5) for s in UNSCALED}
     assert not torch.allclose(outs["timm"], outs["qiao"])
     assert not torch.allclose(outs["qiao"], outs["bcn"])
 
 
-@pytest.mark.parametrize("style", WS_STYLES)
+@pytest.mark.parametrize("style", UNSCALED)
 def test_zero_mean_unit_variance_per_filter(style):
     torch.manual_seed(2)
     w = torch.randn(32, 16, 3, 3, dtype=torch.float64) * 0.5 + 0.3
@@ -157,3 +172,49 @@ def test_bad_shapes():
     for style in WS_STYLES:
         with pytest.raises(ValueError, match="fan-in 1"):
             standardize_weight(torch.randn(5, 1, 1, 1), style)
+
+
+@pytest.mark.parametrize("style", sorted(SCALED_REFERENCES))
+@pytest.mark.parametrize("with_gain", [False, True])
+def test_scaled_styles_match_upstream_formula(style, with_gain):
+    torch.manual_seed(7)
+    w = torch.randn(16, 8, 3, 3, dtype=torch.float64) * 0.05
+    gain = torch.rand(16, 1, 1, 1, dtype=torch.float64) + 0.5 if with_gain else None
+    gamma = 1.7139588594436646  # relu's
+    got = standardize_weight(w, style, gain=gain, gamma=gamma)
+    ref_gain = gain if with_gain else torch.ones(16, dtype=torch.float64)
+    torch.testing.assert_close(got, SCALED_REFERENCES[style](w, DEFAULT_EPS[style], ref_gain, gamma),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_scaled_styles_give_unit_fan_in_variance_and_agree_with_each_other():
+    torch.manual_seed(8)
+    w = torch.randn(32, 16, 3, 3, dtype=torch.float64)
+    for style in SCALED_REFERENCES:
+        flat = standardize_weight(w, style, eps=1e-12).reshape(32, -1)
+        # Scaled WS: zero mean, variance 1/fan_in, so a unit-variance input keeps unit variance
+        torch.testing.assert_close(flat.var(1, correction=0) * flat.shape[1], torch.ones(32, dtype=torch.float64))
+    torch.testing.assert_close(standardize_weight(w, "timm_scaled", eps=1e-14),
+                               standardize_weight(w, "deepmind", eps=1e-14))
+
+
+def test_timm_scaled_is_bitwise_timm():
+    from timm.layers import ScaledStdConv2d
+
+    torch.manual_seed(9)
+    conv = ScaledStdConv2d(8, 16, 3, gamma=1.7881293296813965, eps=1e-5)
+    torch.nn.init.normal_(conv.gain)
+    ref = torch.nn.functional.batch_norm(
+        conv.weight.reshape(1, 16, -1), None, None, weight=(conv.gain * conv.scale).view(-1),
+        training=True, momentum=0.0, eps=1e-5).reshape_as(conv.weight)
+    assert torch.equal(standardize_weight(conv.weight, "timm_scaled", 1e-5, conv.gain, 1.7881293296813965), ref)
+
+
+def test_gain_and_gamma_only_for_scaled_styles():
+    w = torch.randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match="gain/gamma apply to the scaled styles"):
+        standardize_weight(w, "timm", gamma=2.0)
+    with pytest.raises(ValueError, match="gain/gamma apply to the scaled styles"):
+        standardize_weight(w, "qiao", gain=torch.ones(4))
+    with pytest.raises(ValueError, match=r"one value per output filter \(4\)"):
+        standardize_weight(w, "deepmind", gain=torch.ones(5))

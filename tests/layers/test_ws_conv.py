@@ -113,3 +113,35 @@ def test_act_lookup():
     assert get_act_layer("silu") is nn.SiLU and get_act_layer(nn.GELU) is nn.GELU and get_act_layer(None) is None
     with pytest.raises(ValueError, match="unknown activation 'swishy'"):
         get_act_layer("swishy")
+
+
+@pytest.mark.parametrize("same", [False, True])
+def test_scaled_conv_is_timm_scaled_std_conv(same):
+    from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame
+
+    from wszoo.layers import NONLIN_GAMMA, ScaledWSConv2d, ScaledWSConv2dSame
+
+    torch.manual_seed(6)
+    gamma = NONLIN_GAMMA["silu"]
+    ours = (ScaledWSConv2dSame if same else ScaledWSConv2d)(8, 16, 3, stride=2, gamma=gamma, eps=1e-5)
+    ref = (ScaledStdConv2dSame if same else ScaledStdConv2d)(8, 16, 3, stride=2, gamma=gamma, eps=1e-5)
+    assert list(ours.state_dict()) == list(ref.state_dict()) == ["weight", "bias", "gain"]
+    nn.init.normal_(ours.gain)
+    nn.init.normal_(ours.bias)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 8, 15, 15)
+    assert torch.equal(ours(x), ref(x))
+    with pytest.raises(ValueError, match="scaled style"):
+        ScaledWSConv2d(8, 16, 3, style="timm")
+
+
+def test_gamma_act_constants_preserve_unit_variance():
+    from wszoo.layers import NONLIN_GAMMA, GammaAct
+
+    z = torch.randn(2_000_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for act in ("relu", "silu", "gelu", "tanh", "sigmoid"):
+        y = GammaAct(act)(z)
+        assert abs(y.square().mean().item() - 1.0) < 0.01 or abs(y.var().item() - 1.0) < 0.01, act
+    assert NONLIN_GAMMA["relu"] == 1.7139588594436646 and GammaAct("gelu", gamma=2.0).gamma == 2.0
+    with pytest.raises(ValueError, match="unknown activation 'swishy'"):
+        GammaAct("swishy")

@@ -13,9 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers.padding import get_padding, get_padding_value, pad_same
 
-from .standardize import DEFAULT_EPS, check_style, fan_in_of, standardize_weight
+from .standardize import DEFAULT_EPS, SCALED_STYLES, check_style, fan_in_of, standardize_weight
 
-__all__ = ["WSConv2d", "WSConv2dSame", "WSLinear", "is_ws_layer"]
+__all__ = ["WSConv2d", "WSConv2dSame", "WSLinear", "ScaledWSConv2d", "ScaledWSConv2dSame", "is_ws_layer"]
 
 _IntOr2 = Union[int, Tuple[int, int]]
 
@@ -145,3 +145,65 @@ class WSLinear(_WSMixin, nn.Linear):
 def is_ws_layer(module: nn.Module) -> bool:
     """True for any wszoo layer that standardizes its weight (has ``standardized_weight``)."""
     return isinstance(module, _WSMixin)
+
+
+class ScaledWSConv2d(WSConv2d):
+    """Scaled Weight Standardization (Brock et al. 2021, NF-ResNets/NFNets): a WS conv whose
+    standardized filters are scaled by ``gain * gamma`` and normalized by fan-in, so a unit-variance
+    input gives a unit-variance output without any activation normalizer.
+
+    ``gain`` is a learnable per-filter parameter of shape ``(out, 1, 1, 1)`` (timm's layout);
+    ``gamma`` is a constant, the activation's gain when it is folded into the conv (timm's NFNets)
+    rather than applied after the activation (DeepMind's). Styles: ``timm_scaled`` or ``deepmind``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _IntOr2,
+        stride: _IntOr2 = 1,
+        padding: Optional[Union[_IntOr2, str]] = None,
+        dilation: _IntOr2 = 1,
+        groups: int = 1,
+        bias: bool = True,
+        gamma: float = 1.0,
+        eps: Optional[float] = None,
+        gain_init: float = 1.0,
+        style: str = "timm_scaled",
+        device=None,
+        dtype=None,
+    ) -> None:
+        if style not in SCALED_STYLES:
+            raise ValueError(f"ScaledWSConv2d takes a scaled style {SCALED_STYLES}, got {style!r}")
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+            groups=groups, bias=bias, style=style, eps=eps, device=device, dtype=dtype,
+        )
+        self.gamma = float(gamma)
+        self.gain_init = float(gain_init)
+        self.gain = nn.Parameter(torch.full((out_channels, 1, 1, 1), self.gain_init, device=device, dtype=dtype))
+
+    def standardized_weight(self) -> torch.Tensor:
+        return standardize_weight(self.weight, self.ws_style, self.ws_eps, gain=self.gain, gamma=self.gamma)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", gamma={self.gamma:g}"
+
+
+class ScaledWSConv2dSame(ScaledWSConv2d):
+    """:class:`ScaledWSConv2d` with TensorFlow 'SAME' padding (DeepMind's NFNet checkpoints)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntOr2, stride: _IntOr2 = 1,
+                 padding: str = "same", dilation: _IntOr2 = 1, **kwargs) -> None:
+        if not isinstance(padding, str):
+            raise TypeError(f"ScaledWSConv2dSame takes a padding mode string ('same'), got {padding!r}")
+        static_padding, dynamic = get_padding_value(padding, kernel_size, stride=stride, dilation=dilation)
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=static_padding,
+                         dilation=dilation, **kwargs)
+        self.dynamic_same_pad = dynamic
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic_same_pad:
+            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        return self._conv_forward(x, self.standardized_weight(), self.bias)
