@@ -10,32 +10,39 @@ from wszoo.registry import split_model_name
 
 def test_list_models_and_filters():
     names = wszoo.list_models()
-    assert names[:4] == ["resnet50_gn_ws", "resnet101_gn_ws", "resnetv2_50x1_bit", "resnetv2_50x3_bit"]
-    assert len(names) == 10
+    assert names[:3] == ["dm_nfnet_f0", "dm_nfnet_f1", "dm_nfnet_f2"]  # natural order: f2 before f10
+    assert wszoo.list_models("resnet*")[:4] == ["resnet50_gn_ws", "resnet101_gn_ws", "resnetv2_50x1_bit",
+                                                "resnetv2_50x3_bit"]
+    assert len(names) == 10 + 35
     assert wszoo.list_models("resnext*") == ["resnext50_32x4d_gn_ws", "resnext101_32x4d_gn_ws"]
     assert wszoo.list_models(["*50x1*", "resnet101*"]) == ["resnet101_gn_ws", "resnetv2_50x1_bit"]
     assert wszoo.list_models("nothing*") == []
 
 
-def test_list_pretrained_has_every_timm_bit_tag():
+TIMM_TAGS = [n for n in timm.list_pretrained(["resnetv2_*_bit*", "*nfnet*", "nf_*"])
+             if n.split(".")[0] != "test_nfnet" and timm.models.get_pretrained_cfg(n).hf_hub_id]
+
+
+def test_list_pretrained_has_every_timm_tag_of_our_architectures():
     ours = set(wszoo.list_pretrained())
     assert ours == set(wszoo.list_models(pretrained=True))
-    assert ours == set(timm.list_pretrained("resnetv2_*_bit*"))
+    assert ours == set(TIMM_TAGS)
     assert wszoo.list_pretrained("*50x1*") == [
         "resnetv2_50x1_bit.goog_distilled_in1k", "resnetv2_50x1_bit.goog_in21k", "resnetv2_50x1_bit.goog_in21k_ft_in1k"]
 
 
-@pytest.mark.parametrize("name", timm.list_pretrained("resnetv2_*_bit*"))
+@pytest.mark.parametrize("name", TIMM_TAGS)
 def test_pretrained_cfg_matches_timm(name):
     ours = wszoo.get_pretrained_cfg(name)
     ref = timm.models.get_pretrained_cfg(name).to_dict()
-    for key in ("num_classes", "input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std",
-                "first_conv", "classifier", "license", "hf_hub_id"):
-        assert ours[key] == (tuple(ref[key]) if isinstance(ref[key], list) else ref[key]), key
+    for key in ("num_classes", "input_size", "test_input_size", "crop_pct", "test_crop_pct", "crop_mode",
+                "interpolation", "mean", "std", "first_conv", "classifier", "license", "hf_hub_id"):
+        expected = tuple(ref[key]) if isinstance(ref.get(key), list) else ref.get(key)
+        assert ours.get(key) == expected, key
     assert ours["tag"] == split_model_name(name)[1]
 
 
-@pytest.mark.parametrize("arch", wszoo.list_models("resnetv2_*"))
+@pytest.mark.parametrize("arch", sorted({n.split(".")[0] for n in TIMM_TAGS}))
 def test_default_tag_is_timms(arch):
     assert wszoo.get_pretrained_cfg(arch)["tag"] == timm.models.get_pretrained_cfg(arch).to_dict()["tag"]
 

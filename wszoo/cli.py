@@ -80,9 +80,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"{len(names)} registered models:")
     for name in names:
         print(f"  {name}")
-    families = {}
+    smallest = {}
     for name in names:
-        families.setdefault(registry.model_family(name), name)  # list order: smallest first
+        with torch.device("meta"):  # count parameters without allocating them
+            size = _count_params(registry.create_model(name))
+        family = registry.model_family(name)
+        if family not in smallest or size < smallest[family][0]:
+            smallest[family] = (size, name)
+    families = {family: name for family, (_, name) in smallest.items()}
     torch.manual_seed(0)
     for family, name in sorted(families.items()):
         model = registry.create_model(name)

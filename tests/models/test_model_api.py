@@ -5,8 +5,16 @@ from timm.data import create_transform, resolve_data_config
 
 import wszoo
 
-LARGE = {"resnetv2_50x3_bit", "resnetv2_101x3_bit", "resnetv2_152x2_bit", "resnetv2_152x4_bit"}
 ALL = wszoo.list_models()
+
+
+def _param_count(name: str) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in wszoo.create_model(name).parameters())
+
+
+# over 100M parameters: minutes and several GB for a forward/backward on 2 cores, so `make test-slow`
+LARGE = {n for n in ALL if _param_count(n) > 100e6}
 PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in ALL]
 
 
@@ -55,7 +63,7 @@ def test_timm_api(name):
 
 
 def test_grad_checkpointing_gives_the_same_gradients():
-    for name in ("resnet50_gn_ws", "resnetv2_50x1_bit"):
+    for name in ("resnet50_gn_ws", "resnetv2_50x1_bit", "nf_regnet_b0"):
         torch.manual_seed(0)
         model = wszoo.create_model(name, num_classes=3)
         x = torch.randn(2, 3, 32, 32)

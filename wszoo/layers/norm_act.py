@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["GroupNormAct", "get_act_layer", "ACT_LAYERS"]
+__all__ = ["GroupNormAct", "get_act_layer", "create_act", "ACT_LAYERS"]
 
 #: Activations by the names timm and the configs use.
 ACT_LAYERS = {
@@ -38,7 +38,8 @@ def get_act_layer(act: ActArg) -> Optional[Callable[..., nn.Module]]:
         raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(sorted(ACT_LAYERS))}") from None
 
 
-def _make_act(act: ActArg, inplace: bool) -> nn.Module:
+def create_act(act: ActArg, inplace: bool = False) -> nn.Module:
+    """An activation module by name or class; ``inplace`` where the activation supports it."""
     layer = get_act_layer(act)
     if layer is None:
         return nn.Identity()
@@ -69,7 +70,7 @@ class GroupNormAct(nn.GroupNorm):
         if num_channels % num_groups != 0:
             raise ValueError(f"GroupNorm needs num_channels ({num_channels}) divisible by num_groups ({num_groups})")
         super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
-        self.act = _make_act(act_layer, inplace) if apply_act else nn.Identity()
+        self.act = create_act(act_layer, inplace) if apply_act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))

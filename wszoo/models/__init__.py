@@ -1,5 +1,6 @@
 """Model families; importing this package registers every architecture with :mod:`wszoo.registry`."""
+from .nfnet import NFNetConfig, NormFreeNet
 from .resnet_gn_ws import GNWSResNet
 from .resnetv2_bit import ResNetV2
 
-__all__ = ["GNWSResNet", "ResNetV2"]
+__all__ = ["GNWSResNet", "NFNetConfig", "NormFreeNet", "ResNetV2"]
