@@ -62,3 +62,30 @@ def test_bad_usage_exits_2(argv):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
+
+
+def test_convert_deepmind_nfnet(tmp_path, capsys):
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    import wszoo
+    from tests.test_convert import to_haiku
+
+    torch.manual_seed(0)
+    src = wszoo.create_model("dm_nfnet_f0")
+    np.savez(tmp_path / "F0.npz", **to_haiku(src))
+    out = tmp_path / "f0.safetensors"
+    assert main(["convert", str(tmp_path / "F0.npz"), "--model", "dm_nfnet_f0", "-o", str(out)]) == 0
+    assert f"{sum(p.numel() for p in src.parameters()):,} parameters" in capsys.readouterr().out
+    saved = load_file(str(out))
+    assert all(torch.equal(saved[k], v) for k, v in src.state_dict().items())
+    # and the result loads through create_model
+    loaded = wszoo.create_model("dm_nfnet_f0", checkpoint_path=str(out))
+    assert torch.equal(loaded.stem.conv1.weight, src.stem.conv1.weight)
+
+
+def test_convert_bad_input(tmp_path, capsys):
+    (tmp_path / "x.npz").write_bytes(b"garbage")
+    assert main(["convert", str(tmp_path / "x.npz"), "--model", "dm_nfnet_f0", "-o", str(tmp_path / "o")]) == 2
+    assert "neither an .npz nor a pickled Haiku" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """The ``wszoo`` command line (also ``python -m wszoo``).
 
 Subcommands: ``list`` (the registry), ``info`` (one model: parameters, preprocessing, features, and an
-optional timed forward pass), ``demo`` (what ``make demo`` runs).
+optional timed forward pass), ``convert`` (original checkpoints to safetensors), ``demo`` (what
+``make demo`` runs).
 """
 from __future__ import annotations
 
@@ -99,6 +100,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_deepmind_nfnet
+
+    overrides = {}
+    if args.ws_style:
+        overrides["ws_style"] = args.ws_style
+    if args.std_conv_eps is not None:
+        overrides["std_conv_eps"] = args.std_conv_eps
+    model = convert_deepmind_nfnet(args.src, args.model, out=args.output, **overrides)
+    print(f"converted {args.src} -> {args.output} ({type(model).__name__} {args.model}, "
+          f"{_count_params(model):,} parameters)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wszoo", description="Weight Standardization model zoo")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
 
+    p = sub.add_parser("convert", help="convert an original checkpoint to a safetensors state dict")
+    p.add_argument("src", help="the original file, e.g. F0_haiku.npz")
+    p.add_argument("--source", choices=["deepmind-nfnet"], default="deepmind-nfnet",
+                   help="layout of SRC: DeepMind's Haiku NFNet parameters")
+    p.add_argument("--model", required=True, help="target architecture, e.g. dm_nfnet_f0")
+    p.add_argument("-o", "--output", required=True, help="where to write the .safetensors file")
+    p.add_argument("--ws-style", choices=["timm_scaled", "deepmind"], default=None,
+                   help="standardization formula of the built model (deepmind + --std-conv-eps 1e-4 = Haiku's)")
+    p.add_argument("--std-conv-eps", type=float, default=None)
+    p.set_defaults(func=_cmd_convert)
+
     p = sub.add_parser("demo", help="list the registry and run one model of every family")
     p.add_argument("--img-size", type=int, default=224)
     p.set_defaults(func=_cmd_demo)
@@ -128,6 +154,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (registry.UnknownModelError, ValueError, FileNotFoundError, NotImplementedError) as e:
+    except (registry.UnknownModelError, ValueError, OSError, NotImplementedError) as e:
         print(f"wszoo {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -57,6 +57,7 @@ class NFNetConfig:
     gamma_in_act: bool = False  # DeepMind: gamma * act(x); timm: gamma folded into the conv scale
     same_padding: bool = False  # TF 'SAME' padding (DeepMind checkpoints)
     std_conv_eps: float = 1e-5
+    ws_style: str = "timm_scaled"  # 'deepmind' (with std_conv_eps=1e-4) reproduces the Haiku numerics exactly
     skipinit: bool = False
     act_layer: str = "silu"
 
@@ -206,10 +207,10 @@ class NormFreeNet(nn.Module):
         conv_cls = ScaledWSConv2dSame if cfg.same_padding else ScaledWSConv2d
         if cfg.gamma_in_act:  # DeepMind: gamma in the activation
             act_layer: Callable[..., nn.Module] = lambda inplace=False: GammaAct(cfg.act_layer, gamma)  # noqa: E731
-            conv_layer = partial(conv_cls, eps=cfg.std_conv_eps)
+            conv_layer = partial(conv_cls, eps=cfg.std_conv_eps, style=cfg.ws_style)
         else:  # timm: gamma folded into every conv's scale
             act_layer = partial(create_act, cfg.act_layer)
-            conv_layer = partial(conv_cls, gamma=gamma, eps=cfg.std_conv_eps)
+            conv_layer = partial(conv_cls, gamma=gamma, eps=cfg.std_conv_eps, style=cfg.ws_style)
         attn = partial(create_attn, cfg.attn_layer, **cfg.attn_kwargs) if cfg.attn_layer else None
 
         stem_chs = make_divisible((cfg.stem_chs or cfg.channels[0]) * cfg.width_factor, cfg.ch_div)
