@@ -104,3 +104,10 @@ def test_output_stride_matches_timm():
     with torch.no_grad():
         assert ours.forward_features(x).shape[-1] == 4
         assert rel_diff(ours(x), ref(x)) < 1e-5
+
+
+def test_stochastic_depth_rates_match_timm():
+    ref = timm.create_model("nfnet_l0", drop_path_rate=0.2)
+    ours = wszoo.create_model("nfnet_l0", drop_path_rate=0.2)
+    rates = lambda m: [getattr(b.drop_path, "drop_prob", 0.0) for s in m.stages for b in s]  # noqa: E731
+    assert rates(ours) == pytest.approx(rates(ref)) and max(rates(ours)) > 0.1
