@@ -62,7 +62,6 @@ def test_alpha_beta_schedule_follows_the_paper():
     model = wszoo.create_model("nf_resnet50")
     alpha = 0.2
     for stage in model.stages:
-        var = None
         for j, block in enumerate(stage):
             assert block.alpha == alpha
             if j == 0:
@@ -70,7 +69,6 @@ def test_alpha_beta_schedule_follows_the_paper():
             else:
                 assert block.downsample is None
                 assert block.beta == pytest.approx((1 + j * alpha ** 2) ** -0.5)
-            var = 1.0 if j == 0 else var
     assert model.stages[0][0].beta == 1.0  # the stem output has unit variance by construction
 
 

@@ -1,13 +1,14 @@
 """Small pieces every model family shares: stage output strides, block running, weight init."""
 from __future__ import annotations
 
-from typing import Iterable, List, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["stage_strides_and_dilations", "run_blocks", "init_conv_and_norm", "check_output_stride"]
+__all__ = ["stage_strides_and_dilations", "run_blocks", "init_conv_and_norm", "check_output_stride",
+           "ClassifierHeadApi"]
 
 
 def check_output_stride(output_stride: int) -> int:
@@ -61,3 +62,30 @@ def init_conv_and_norm(model: nn.Module, classifier_std: float = 0.01) -> None:
         elif isinstance(module, nn.GroupNorm) and module.affine:
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+
+class ClassifierHeadApi:
+    """timm's classifier API for models whose head is a ``timm.layers.ClassifierHead`` at ``self.head``."""
+
+    head: nn.Module
+    num_classes: int
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier (new ``head.fc`` drawn from N(0, 0.01), zero bias; 0 classes for none),
+        optionally with another global pooling."""
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+        fc = self.head.fc
+        if isinstance(fc, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(fc.weight, 0.0, 0.01)
+            nn.init.zeros_(fc.bias)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

@@ -30,7 +30,7 @@ from timm.layers import AvgPool2dSame, ClassifierHead, DropPath, make_divisible
 from ..layers import NONLIN_GAMMA, GammaAct, ScaledWSConv2d, ScaledWSConv2dSame, create_act
 from ..layers.attention import create_attn
 from ..registry import register_model
-from ._helpers import check_output_stride, run_blocks
+from ._helpers import ClassifierHeadApi, check_output_stride, run_blocks
 
 __all__ = ["NFNetConfig", "NormFreeNet", "NormFreeBlock"]
 
@@ -173,7 +173,7 @@ def _make_stem(in_chs: int, out_chs: int, stem_type: str, conv_layer: Callable, 
     raise ValueError(f"unknown stem_type {stem_type!r}; choose 'deep_quad', '3x3' or '7x7_pool'")
 
 
-class NormFreeNet(nn.Module):
+class NormFreeNet(ClassifierHeadApi, nn.Module):
     """A normalizer-free network built from an :class:`NFNetConfig`.
 
     Args:
@@ -275,29 +275,11 @@ class NormFreeNet(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the classifier (new ``head.fc``, N(0, 0.01), 0 for none), optionally the pooling."""
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
-        if isinstance(self.head.fc, nn.Linear):
-            nn.init.normal_(self.head.fc.weight, 0.0, 0.01)
-            nn.init.zeros_(self.head.fc.bias)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         for stage in self.stages:
             x = run_blocks(stage, x, self.grad_checkpointing)
         return self.final_act(self.final_conv(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # --- architecture definitions ---------------------------------------------------------------------

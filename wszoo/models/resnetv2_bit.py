@@ -18,7 +18,7 @@ from timm.layers import ClassifierHead, DropPath
 
 from ..layers import GroupNormAct, WSConv2d
 from ..registry import register_model
-from ._helpers import init_conv_and_norm, run_blocks, stage_strides_and_dilations
+from ._helpers import ClassifierHeadApi, init_conv_and_norm, run_blocks, stage_strides_and_dilations
 
 __all__ = ["ResNetV2", "PreActBottleneck"]
 
@@ -90,7 +90,7 @@ class ResNetStage(nn.Module):
         return run_blocks(self.blocks, x, self.grad_checkpointing)
 
 
-class ResNetV2(nn.Module):
+class ResNetV2(ClassifierHeadApi, nn.Module):
     """BiT ResNet-v2 (pre-activation, GN+WS).
 
     Args:
@@ -162,28 +162,8 @@ class ResNetV2(nn.Module):
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the classifier (new zero-mean ``head.fc``, 0 for none), optionally the pooling."""
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
-        fc = self.head.fc
-        if isinstance(fc, nn.Conv2d):
-            nn.init.normal_(fc.weight, std=0.01)
-            nn.init.zeros_(fc.bias)
-            fc.to(self.norm.weight.device)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.stages(self.stem(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _bit(layers: Sequence[int], width_factor: int, **kwargs) -> ResNetV2:
