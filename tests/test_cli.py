@@ -76,7 +76,7 @@ def test_convert_deepmind_nfnet(tmp_path, capsys):
     src = wszoo.create_model("dm_nfnet_f0")
     np.savez(tmp_path / "F0.npz", **to_haiku(src))
     out = tmp_path / "f0.safetensors"
-    assert main(["convert", str(tmp_path / "F0.npz"), "--model", "dm_nfnet_f0", "-o", str(out)]) == 0
+    assert main(["convert", str(tmp_path / "F0.npz"), "--source", "deepmind-nfnet", "--model", "dm_nfnet_f0", "-o", str(out)]) == 0
     assert f"{sum(p.numel() for p in src.parameters()):,} parameters" in capsys.readouterr().out
     saved = load_file(str(out))
     assert all(torch.equal(saved[k], v) for k, v in src.state_dict().items())
@@ -87,5 +87,5 @@ def test_convert_deepmind_nfnet(tmp_path, capsys):
 
 def test_convert_bad_input(tmp_path, capsys):
     (tmp_path / "x.npz").write_bytes(b"garbage")
-    assert main(["convert", str(tmp_path / "x.npz"), "--model", "dm_nfnet_f0", "-o", str(tmp_path / "o")]) == 2
+    assert main(["convert", str(tmp_path / "x.npz"), "--source", "deepmind-nfnet", "--model", "dm_nfnet_f0", "-o", str(tmp_path / "o")]) == 2
     assert "neither an .npz nor a pickled Haiku" in capsys.readouterr().err

@@ -1,4 +1,7 @@
-"""The README's Python examples run as written, in order, in one namespace (as a reader would)."""
+"""The README's Python examples run as written, in order, in one namespace (as a reader would).
+
+Blocks fenced as ```py need the Hugging Face Hub and are not run here; tests/test_hub.py covers the
+same calls against a local Hub stand-in."""
 import re
 from pathlib import Path
 

@@ -26,7 +26,8 @@ TIMM_TAGS = [n for n in timm.list_pretrained(["resnetv2_*_bit*", "*nfnet*", "nf_
 def test_list_pretrained_has_every_timm_tag_of_our_architectures():
     ours = set(wszoo.list_pretrained())
     assert ours == set(wszoo.list_models(pretrained=True))
-    assert ours == set(TIMM_TAGS)
+    assert {n for n in ours if wszoo.get_pretrained_cfg(n).get("hf_hub_id")} == set(TIMM_TAGS)
+    assert ours - set(TIMM_TAGS) == {f"{a}.jhu_in1k" for a in wszoo.list_models("*_gn_ws")}
     assert wszoo.list_pretrained("*50x1*") == [
         "resnetv2_50x1_bit.goog_distilled_in1k", "resnetv2_50x1_bit.goog_in21k", "resnetv2_50x1_bit.goog_in21k_ft_in1k"]
 
@@ -48,8 +49,19 @@ def test_default_tag_is_timms(arch):
 
 
 def test_untagged_architecture_cfg():
-    cfg = wszoo.get_pretrained_cfg("resnet50_gn_ws")
+    cfg = wszoo.get_pretrained_cfg("nf_resnet26")
     assert cfg["tag"] == "" and cfg["input_size"] == (3, 224, 224) and cfg["mean"] == (0.485, 0.456, 0.406)
+    assert "hf_hub_id" not in cfg and "url" not in cfg
+
+
+def test_every_tag_has_a_source_and_safetensors_or_a_checked_url():
+    for name in wszoo.list_pretrained():
+        cfg = wszoo.get_pretrained_cfg(name)
+        if cfg.get("hf_hub_id"):
+            assert cfg["hf_hub_id"] == f"timm/{name}" and cfg["hf_hub_filename"] == "model.safetensors", name
+        else:
+            assert cfg["url"].endswith(f"-{cfg['url_sha256_prefix']}.pth") and len(cfg["url_sha256_prefix"]) == 8
+        assert cfg.get("top1") is None or cfg.get("top1_source"), name
 
 
 def test_unknown_names_suggest_close_matches():
@@ -69,9 +81,9 @@ def test_tag_sets_num_classes_and_cfg():
         assert wszoo.create_model("resnetv2_50x1_bit.goog_in21k", num_classes=4).num_classes == 4
 
 
-def test_pretrained_download_is_refused_clearly():
-    with pytest.raises(NotImplementedError, match="checkpoint_path"):
-        wszoo.create_model("resnetv2_50x1_bit", pretrained=True)
+def test_pretrained_without_published_weights_is_refused_clearly():
+    with pytest.raises(wszoo.hub.PretrainedWeightsError, match="'nf_resnet26' has no pretrained weights"):
+        wszoo.create_model("nf_resnet26", pretrained=True)
 
 
 def test_checkpoint_path_round_trip(tmp_path):

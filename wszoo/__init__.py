@@ -1,6 +1,7 @@
 """wszoo: a timm-style model zoo for Weight Standardization architectures."""
-from . import layers, models
+from . import hub, layers, models, optim
 from .checkpoint import CheckpointError, load_checkpoint
+from .hub import PretrainedWeightsError, push_to_hub, save_pretrained
 from .registry import (
     UnknownModelError,
     create_model,
@@ -14,6 +15,7 @@ from .registry import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "UnknownModelError", "create_model", "get_pretrained_cfg", "is_model", "layers",
-    "list_models", "list_pretrained", "load_checkpoint", "models", "register_model",
+    "CheckpointError", "PretrainedWeightsError", "UnknownModelError", "create_model", "get_pretrained_cfg", "hub",
+    "is_model", "layers", "list_models", "list_pretrained", "load_checkpoint", "models", "optim", "push_to_hub",
+    "register_model", "save_pretrained",
 ]

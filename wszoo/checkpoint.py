@@ -47,8 +47,8 @@ def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
     if _looks_pickled(path):
         raise CheckpointError(
             f"checkpoint {path!r} looks like a pickle (torch.save) file; wszoo loads only safetensors, because "
-            "unpickling can run code. Convert it once with torch.load(path, weights_only=True) and "
-            "safetensors.torch.save_file(state_dict, 'model.safetensors')"
+            "unpickling can run code. Convert it once with `wszoo convert FILE --source pth --model ARCH -o DIR` "
+            "(which reads it with torch.load(weights_only=True))"
         )
     if os.path.getsize(path) < 8:
         raise CheckpointError(f"checkpoint {path!r} is empty or truncated ({os.path.getsize(path)} bytes)")

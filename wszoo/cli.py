@@ -1,8 +1,8 @@
 """The ``wszoo`` command line (also ``python -m wszoo``).
 
 Subcommands: ``list`` (the registry), ``info`` (one model: parameters, preprocessing, features, and an
-optional timed forward pass), ``convert`` (original checkpoints to safetensors), ``demo`` (what
-``make demo`` runs).
+optional timed forward pass), ``convert`` (original checkpoints to safetensors), ``card``
+(MODEL_CARD.md from configs/), ``demo`` (what ``make demo`` runs).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from . import registry
+from .hub import PretrainedWeightsError
 
 __all__ = ["main", "build_parser"]
 
@@ -101,16 +102,38 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert_deepmind_nfnet
+    from .convert import convert_deepmind_nfnet, convert_torch_checkpoint
 
     overrides = {}
     if args.ws_style:
         overrides["ws_style"] = args.ws_style
     if args.std_conv_eps is not None:
         overrides["std_conv_eps"] = args.std_conv_eps
-    model = convert_deepmind_nfnet(args.src, args.model, out=args.output, **overrides)
+    if args.num_classes is not None:
+        overrides["num_classes"] = args.num_classes
+    convert = convert_deepmind_nfnet if args.source == "deepmind-nfnet" else convert_torch_checkpoint
+    model = convert(args.src, args.model, out=args.output, **overrides)
     print(f"converted {args.src} -> {args.output} ({type(model).__name__} {args.model}, "
           f"{_count_params(model):,} parameters)")
+    return 0
+
+
+def _cmd_card(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .card import render_model_card
+
+    text = render_model_card()
+    path = Path(args.output)
+    if args.check:
+        current = path.read_text(encoding="utf-8") if path.exists() else ""
+        if current != text:
+            print(f"{path} is out of date: run `wszoo card -o {path}`", file=sys.stderr)
+            return 1
+        print(f"{path} is up to date")
+        return 0
+    path.write_text(text, encoding="utf-8")
+    print(f"wrote {path}")
     return 0
 
 
@@ -134,15 +157,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("convert", help="convert an original checkpoint to a safetensors state dict")
-    p.add_argument("src", help="the original file, e.g. F0_haiku.npz")
-    p.add_argument("--source", choices=["deepmind-nfnet"], default="deepmind-nfnet",
-                   help="layout of SRC: DeepMind's Haiku NFNet parameters")
-    p.add_argument("--model", required=True, help="target architecture, e.g. dm_nfnet_f0")
-    p.add_argument("-o", "--output", required=True, help="where to write the .safetensors file")
-    p.add_argument("--ws-style", choices=["timm_scaled", "deepmind"], default=None,
+    p.add_argument("src", help="the original file, e.g. F0_haiku.npz or R-50-GN-WS.pth.tar")
+    p.add_argument("--source", choices=["deepmind-nfnet", "pth"], required=True,
+                   help="layout of SRC: DeepMind's Haiku NFNet parameters, or a PyTorch pickle in the model's "
+                        "own key layout (GN+WS authors' .pth.tar, mmdetection copies), read weights-only")
+    p.add_argument("--model", required=True, help="target architecture, e.g. dm_nfnet_f0 or resnet50_gn_ws.jhu_in1k")
+    p.add_argument("-o", "--output", required=True,
+                   help="a .safetensors file, or a directory for save_pretrained (weights, config.json, card)")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--ws-style", default=None,
                    help="standardization formula of the built model (deepmind + --std-conv-eps 1e-4 = Haiku's)")
     p.add_argument("--std-conv-eps", type=float, default=None)
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("card", help="generate MODEL_CARD.md from configs/")
+    p.add_argument("-o", "--output", default="MODEL_CARD.md")
+    p.add_argument("--check", action="store_true", help="exit 1 if the file differs from what would be written")
+    p.set_defaults(func=_cmd_card)
 
     p = sub.add_parser("demo", help="list the registry and run one model of every family")
     p.add_argument("--img-size", type=int, default=224)
@@ -154,6 +185,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (registry.UnknownModelError, ValueError, OSError, NotImplementedError) as e:
+    except (registry.UnknownModelError, ValueError, OSError, NotImplementedError, PretrainedWeightsError) as e:
         print(f"wszoo {args.command}: error: {e}", file=sys.stderr)
         return 2

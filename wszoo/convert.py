@@ -1,5 +1,9 @@
 """Explicit, one-off conversions of original checkpoints into wszoo state dicts (saved as safetensors).
 
+PyTorch pickles in a model's own key layout (the GN+WS authors' ``R-50-GN-WS.pth.tar`` files, saved
+under DataParallel with a ``module.`` prefix, and mmdetection's ``resnet50_gn_ws-15beedd8.pth`` copies,
+which wrap the weights in ``{'state_dict': ...}``): read with ``torch.load(weights_only=True)`` only.
+
 DeepMind NFNets (``F{0..6}_haiku.npz``): Haiku parameters ``{module: {param: array}}`` with module names
 such as ``NFNet/~/stem_conv0``, ``NFNet/~/nf_block_3/~/conv1b`` and ``.../squeeze_excite/~/linear_1``,
 HWIO kernels, ``(in, out)`` linear weights and ``(out,)`` gains. Accepted containers:
@@ -23,9 +27,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, check_state_dict
+from .checkpoint import CheckpointError, check_state_dict, strip_prefix
 
-__all__ = ["read_haiku_params", "haiku_nfnet_to_state_dict", "convert_deepmind_nfnet"]
+__all__ = ["read_haiku_params", "haiku_nfnet_to_state_dict", "convert_deepmind_nfnet", "read_torch_checkpoint",
+           "convert_torch_checkpoint", "save_converted"]
 
 _SAFE_GLOBALS = {
     ("numpy", "ndarray"), ("numpy", "dtype"),
@@ -138,15 +143,62 @@ def haiku_nfnet_to_state_dict(params: Mapping[str, np.ndarray], model: nn.Module
     return out
 
 
+def save_converted(model: nn.Module, out: str, source: str) -> str:
+    """``out`` ending in ``.safetensors``: the state dict alone; otherwise a ``save_pretrained`` directory."""
+    out = os.fspath(out)
+    if out.endswith(".safetensors"):
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out,
+                  metadata={"architecture": model.pretrained_cfg["architecture"], "source": os.path.basename(source)})
+        return out
+    from .hub import save_pretrained
+
+    return save_pretrained(model, out)
+
+
 def convert_deepmind_nfnet(src: str, model_name: str, out: Optional[str] = None, **model_kwargs) -> nn.Module:
     """Convert an official ``F{i}_haiku.npz`` into ``model_name`` (e.g. ``dm_nfnet_f0``) and optionally save
-    it as safetensors. For DeepMind's exact numerics pass ``ws_style='deepmind', std_conv_eps=1e-4``."""
+    it (see :func:`save_converted`). For DeepMind's exact numerics pass ``ws_style='deepmind',
+    std_conv_eps=1e-4``."""
     from .registry import create_model
 
     model = create_model(model_name, **model_kwargs)
     state_dict = haiku_nfnet_to_state_dict(read_haiku_params(src), model)
     model.load_state_dict(state_dict)
     if out is not None:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.fspath(out),
-                  metadata={"architecture": model_name, "source": os.path.basename(os.fspath(src))})
+        save_converted(model, out, src)
+    return model
+
+
+def read_torch_checkpoint(path: str) -> Dict[str, torch.Tensor]:
+    """The tensors of a ``torch.save`` checkpoint, via ``torch.load(weights_only=True)`` (no code runs);
+    unwraps ``{'state_dict': ...}`` / ``{'model': ...}`` and drops non-tensor entries."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path!r} does not exist or is not a file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types
+        raise CheckpointError(f"{path!r} is not a loadable weights-only PyTorch checkpoint: {e}") from e
+    for key in ("state_dict", "model"):
+        if isinstance(data, Mapping) and isinstance(data.get(key), Mapping):
+            data = data[key]
+            break
+    if not isinstance(data, Mapping):
+        raise CheckpointError(f"{path!r} holds a {type(data).__name__}, not a state dict")
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path!r} holds no tensors")
+    return strip_prefix(tensors)
+
+
+def convert_torch_checkpoint(src: str, model_name: str, out: Optional[str] = None, **model_kwargs) -> nn.Module:
+    """Load a pickle in ``model_name``'s own key layout (e.g. Qiao's GN+WS ResNets) strictly, and save it."""
+    from .registry import create_model
+
+    model = create_model(model_name, **model_kwargs)
+    state_dict = read_torch_checkpoint(src)
+    check_state_dict(model, state_dict, source=f"checkpoint {os.fspath(src)!r}")
+    model.load_state_dict(state_dict)
+    if out is not None:
+        save_converted(model, out, src)
     return model

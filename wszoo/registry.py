@@ -169,7 +169,7 @@ def create_model(
     model_name: str,
     pretrained: bool = False,
     num_classes: Optional[int] = None,
-    in_chans: int = 3,
+    in_chans: Optional[int] = None,
     checkpoint_path: Optional[str] = None,
     drop_rate: float = 0.0,
     drop_path_rate: float = 0.0,
@@ -178,34 +178,56 @@ def create_model(
     """Build a registered model by name, timm-style.
 
     Args:
-        model_name: ``arch`` or ``arch.tag``; the tag selects the pretrained config (and its class count).
-        pretrained: load the tag's published weights. Downloading them is not part of this release:
-            until it is, pass ``checkpoint_path`` to a local safetensors file.
-        num_classes: classifier outputs; defaults to the pretrained config's (1000 for ImageNet-1k).
-        in_chans: input channels.
-        checkpoint_path: a local ``.safetensors`` state dict to load strictly (checked before any copy).
+        model_name: ``arch``, ``arch.tag`` (the tag selects the pretrained config and its class count), or
+            ``hf-hub:org/repo[@revision]`` for a repo written by :func:`wszoo.hub.save_pretrained`.
+        pretrained: load the published weights of the tag (``arch`` alone: its default tag) through
+            :func:`wszoo.hub.load_pretrained`: safetensors from the Hub, or an original pickle converted once.
+        num_classes: classifier outputs; defaults to the pretrained config's (1000 for ImageNet-1k). A
+            different count keeps a fresh classifier and loads everything else.
+        in_chans: input channels, default 3 (the pretrained first conv is adapted as timm does).
+        checkpoint_path: a local ``.safetensors`` state dict to load strictly (checked before any copy);
+            it replaces ``pretrained``.
         drop_rate, drop_path_rate: classifier dropout and stochastic depth.
         **kwargs: passed to the architecture (e.g. ``global_pool``, ``output_stride``, ``ws_style``).
 
     The model gets ``pretrained_cfg`` (a dict usable by ``timm.data.resolve_data_config``).
     """
     _ensure_models_imported()
-    arch, tag = split_model_name(model_name)
-    if arch not in _entrypoints:
-        raise _unknown_model(model_name)
-    cfg = get_pretrained_cfg(model_name)
-    if pretrained:
-        raise NotImplementedError(
-            f"pretrained=True for {model_name!r}: downloading published weights is not in this wszoo release; "
-            "load a local safetensors file with checkpoint_path=... instead"
-        )
-    if num_classes is None:
-        num_classes = int(cfg.get("num_classes", 1000))
+    repo_args: Dict[str, Any] = {}  # model args recorded by save_pretrained; explicit arguments win
+    if model_name.startswith("hf-hub:"):
+        from .hub import parse_hf_hub_name, read_hub_config
+
+        repo_id, revision = parse_hf_hub_name(model_name)
+        config = read_hub_config(repo_id, revision)
+        arch = config["architecture"]
+        if arch not in _entrypoints:
+            raise _unknown_model(arch)
+        cfg = {**config.get("pretrained_cfg", {}), "architecture": arch, "hf_hub_id": repo_id,
+               "hf_hub_filename": "model.safetensors", "revision": revision}
+        cfg.setdefault("num_classes", config.get("num_classes"))
+        for key in ("input_size", "test_input_size", "mean", "std", "pool_size"):
+            if isinstance(cfg.get(key), list):
+                cfg[key] = tuple(cfg[key])
+        repo_args = dict(config.get("model_args", {}))
+    else:
+        arch, _ = split_model_name(model_name)
+        if arch not in _entrypoints:
+            raise _unknown_model(model_name)
+        cfg = get_pretrained_cfg(model_name)
+    repo_classes, repo_chans = repo_args.pop("num_classes", None), repo_args.pop("in_chans", None)
+    num_classes = int(num_classes if num_classes is not None else repo_classes or cfg.get("num_classes") or 1000)
+    in_chans = int(in_chans if in_chans is not None else repo_chans or 3)
+    kwargs = {**repo_args, **kwargs}
     model = _entrypoints[arch](
         num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, drop_path_rate=drop_path_rate, **kwargs
     )
     model.pretrained_cfg = cfg
     model.default_cfg = cfg  # older timm helpers read this name
+    model.model_args = {"num_classes": num_classes, "in_chans": in_chans, **kwargs}
+    if pretrained and checkpoint_path is None:
+        from .hub import load_pretrained
+
+        load_pretrained(model, cfg)
     if checkpoint_path is not None:
         from .checkpoint import load_checkpoint
 
