@@ -12,7 +12,9 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 endif
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow install clean
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test test-slow install data clean
 
 install: $(STAMP)
 
@@ -22,10 +24,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(VENV)/bin/wszoo demo
+# Fashion-MNIST from Debian's dataset-fashion-mnist package (MIT licence), installed when apt allows it.
+data:
+	@test -f $(FMNIST_DIR)/t10k-images-idx3-ubyte.gz || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null); } || \
+	  echo "warning: $(FMNIST_DIR) is missing; install Debian's dataset-fashion-mnist or pass --data-dir"
 
-test: $(STAMP)
+# The main job: evaluate the embedded default (shipped weights) on the 10,000 Fashion-MNIST test images.
+demo: $(STAMP) data
+	$(VENV)/bin/wszoo eval --model resnet_mini_gn_ws.fmnist --pretrained --dataset fashion-mnist --split test -b 256
+
+test: $(STAMP) data
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-slow: $(STAMP)

@@ -32,3 +32,59 @@ def _entry_point(name: str):
 for _name in _wszoo.list_models():
     globals()[_name] = _entry_point(_name)
 del _name
+
+
+def fasterrcnn_gn_ws(pretrained: bool = False, backbone: str = "resnet50_gn_ws", num_classes: int = 91, **kwargs):
+    """Faster R-CNN with a wszoo backbone and a GN+WS FPN and 4conv1fc box head (torchvision's detector).
+
+    Args:
+        pretrained: load the backbone's published weights (no detector weights are published).
+        backbone: any registered wszoo model name.
+        num_classes: detector classes including background.
+        **kwargs: passed to wszoo.detection.build_detector / torchvision's FasterRCNN.
+    """
+    from wszoo.detection import build_detector
+
+    return build_detector("fasterrcnn", backbone, num_classes, pretrained_backbone=pretrained, **kwargs)
+
+
+def maskrcnn_gn_ws(pretrained: bool = False, backbone: str = "resnet50_gn_ws", num_classes: int = 91, **kwargs):
+    """Mask R-CNN with a wszoo backbone, GN+WS FPN, box head and mask head.
+
+    Args:
+        pretrained: load the backbone's published weights (no detector weights are published).
+        backbone: any registered wszoo model name.
+        num_classes: detector classes including background.
+        **kwargs: passed to wszoo.detection.build_detector / torchvision's MaskRCNN.
+    """
+    from wszoo.detection import build_detector
+
+    return build_detector("maskrcnn", backbone, num_classes, pretrained_backbone=pretrained, **kwargs)
+
+
+def retinanet_gn_ws(pretrained: bool = False, backbone: str = "resnet50_gn_ws", num_classes: int = 91, **kwargs):
+    """RetinaNet with a wszoo backbone, a GN+WS FPN (P3-P7) and GN+WS classification/regression towers.
+
+    Args:
+        pretrained: load the backbone's published weights (no detector weights are published).
+        backbone: any registered wszoo model name.
+        num_classes: detector classes.
+        **kwargs: passed to wszoo.detection.build_detector / torchvision's RetinaNet.
+    """
+    from wszoo.detection import build_detector
+
+    return build_detector("retinanet", backbone, num_classes, pretrained_backbone=pretrained, **kwargs)
+
+
+def deeplabv3_gn_ws(pretrained: bool = False, backbone: str = "resnet50_gn_ws", num_classes: int = 21, **kwargs):
+    """DeepLabv3 with a dilated wszoo backbone (output stride 8 or 16) and a GN+WS ASPP head.
+
+    Args:
+        pretrained: load the backbone's published weights (no segmenter weights are published).
+        backbone: any registered wszoo model name.
+        num_classes: segmentation classes.
+        **kwargs: passed to wszoo.detection.build_segmenter (output_stride, ...).
+    """
+    from wszoo.detection import build_segmenter
+
+    return build_segmenter("deeplabv3", backbone, num_classes, pretrained_backbone=pretrained, **kwargs)

@@ -68,7 +68,8 @@ def test_torch_hub_load_local(hf_env, monkeypatch, timm_bit, bit_bytes):
     import hubconf  # torch.hub.list() only takes GitHub names: read the entry points as it would
 
     public = [n for n in dir(hubconf) if not n.startswith("_") and callable(getattr(hubconf, n))]
-    assert sorted(public) == sorted(wszoo.list_models())
+    detectors = ["deeplabv3_gn_ws", "fasterrcnn_gn_ws", "maskrcnn_gn_ws", "retinanet_gn_ws"]
+    assert sorted(public) == sorted(wszoo.list_models() + detectors)
     assert hubconf.dependencies == ["torch", "torchvision", "timm", "huggingface_hub", "safetensors"]
     assert "pretrained: load the default published weights (resnetv2_50x1_bit.goog_distilled_in1k)" in \
         hubconf.resnetv2_50x1_bit.__doc__

@@ -17,4 +17,4 @@ def test_readme_examples_run():
     assert namespace["logits"].shape == (1, 10)
     assert tuple(namespace["features"].shape) == (1, 2048, 7, 7)
     assert (namespace["bit"].pretrained_cfg["input_size"], namespace["bit"].pretrained_cfg["crop_pct"]) == ((3, 448, 448), 1.0)
-    assert namespace["wszoo"].list_models("resnet*")[:3] == ["resnet50_gn_ws", "resnet101_gn_ws", "resnetv2_50x1_bit"]
+    assert namespace["wszoo"].list_models("resnet*")[:3] == ["resnet50_gn_ws", "resnet101_gn_ws", "resnet_mini_bn"]

@@ -11,9 +11,9 @@ from wszoo.registry import split_model_name
 def test_list_models_and_filters():
     names = wszoo.list_models()
     assert names[:3] == ["dm_nfnet_f0", "dm_nfnet_f1", "dm_nfnet_f2"]  # natural order: f2 before f10
-    assert wszoo.list_models("resnet*")[:4] == ["resnet50_gn_ws", "resnet101_gn_ws", "resnetv2_50x1_bit",
-                                                "resnetv2_50x3_bit"]
-    assert len(names) == 10 + 35
+    assert wszoo.list_models("resnet*")[:6] == ["resnet50_gn_ws", "resnet101_gn_ws", "resnet_mini_bn", "resnet_mini_gn",
+                                                "resnet_mini_gn_ws", "resnetv2_50x1_bit"]
+    assert len(names) == 10 + 35 + 3
     assert wszoo.list_models("resnext*") == ["resnext50_32x4d_gn_ws", "resnext101_32x4d_gn_ws"]
     assert wszoo.list_models(["*50x1*", "resnet101*"]) == ["resnet101_gn_ws", "resnetv2_50x1_bit"]
     assert wszoo.list_models("nothing*") == []
@@ -27,7 +27,8 @@ def test_list_pretrained_has_every_timm_tag_of_our_architectures():
     ours = set(wszoo.list_pretrained())
     assert ours == set(wszoo.list_models(pretrained=True))
     assert {n for n in ours if wszoo.get_pretrained_cfg(n).get("hf_hub_id")} == set(TIMM_TAGS)
-    assert ours - set(TIMM_TAGS) == {f"{a}.jhu_in1k" for a in wszoo.list_models("*_gn_ws")}
+    assert ours - set(TIMM_TAGS) == {f"{a}.jhu_in1k" for a in wszoo.list_models("res*_gn_ws") if "mini" not in a} | {
+        "resnet_mini_gn_ws.fmnist"}
     assert wszoo.list_pretrained("*50x1*") == [
         "resnetv2_50x1_bit.goog_distilled_in1k", "resnetv2_50x1_bit.goog_in21k", "resnetv2_50x1_bit.goog_in21k_ft_in1k"]
 
@@ -59,6 +60,8 @@ def test_every_tag_has_a_source_and_safetensors_or_a_checked_url():
         cfg = wszoo.get_pretrained_cfg(name)
         if cfg.get("hf_hub_id"):
             assert cfg["hf_hub_id"] == f"timm/{name}" and cfg["hf_hub_filename"] == "model.safetensors", name
+        elif cfg.get("package_dir"):
+            assert cfg["package_dir"] == f"weights/{name}"
         else:
             assert cfg["url"].endswith(f"-{cfg['url_sha256_prefix']}.pth") and len(cfg["url_sha256_prefix"]) == 8
         assert cfg.get("top1") is None or cfg.get("top1_source"), name

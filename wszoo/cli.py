@@ -1,7 +1,7 @@
 """The ``wszoo`` command line (also ``python -m wszoo``).
 
 Subcommands: ``list`` (the registry), ``info`` (one model: parameters, preprocessing, features, and an
-optional timed forward pass), ``convert`` (original checkpoints to safetensors), ``card``
+optional timed forward pass), ``eval`` and ``finetune``, ``convert`` (original checkpoints to safetensors), ``card``
 (MODEL_CARD.md from configs/), ``demo`` (what ``make demo`` runs).
 """
 from __future__ import annotations
@@ -18,6 +18,15 @@ from . import registry
 from .hub import PretrainedWeightsError
 
 __all__ = ["main", "build_parser"]
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="arch, arch.tag or hf-hub:org/repo")
+    p.add_argument("--pretrained", action="store_true", help="load the published weights")
+    p.add_argument("--checkpoint", default=None, help="a .safetensors file or a save_pretrained directory")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--in-chans", type=int, default=None)
 
 
 def _count_params(model: torch.nn.Module) -> int:
@@ -93,7 +102,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     for family, name in sorted(families.items()):
         model = registry.create_model(name)
-        report = _forward_report(model, [3, args.img_size, args.img_size], 1)
+        size = args.img_size if model.in_chans == 3 else model.pretrained_cfg["input_size"][-1]
+        report = _forward_report(model, [model.in_chans, size, size], 1)
         print(
             f"{family}: {name} ({_count_params(model) / 1e6:.1f}M params) "
             f"input {report['input_shape']} -> logits {report['output_shape']} in {report['seconds']:.2f}s"
@@ -137,6 +147,87 @@ def _cmd_card(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_file(path: Optional[str]) -> Optional[str]:
+    """A save_pretrained directory stands for its model.safetensors."""
+    from pathlib import Path
+
+    if path and Path(path).is_dir():
+        return str(Path(path) / "model.safetensors")
+    return path
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import csv
+    import io
+    import logging
+
+    from .data import class_count, create_dataset
+    from .evaluate import evaluate, init_distributed, is_main_process
+    from .train import data_config_for
+    from timm.data import create_transform
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    rank, world, device = init_distributed()
+    model = registry.create_model(args.model, pretrained=args.pretrained, checkpoint_path=_checkpoint_file(args.checkpoint),
+                                  num_classes=args.num_classes, in_chans=args.in_chans)
+    cfg = data_config_for(model, args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation,
+                          mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None)
+    dataset = create_dataset(args.dataset, args.data_dir, args.split, create_transform(**cfg), model.in_chans)
+    n_classes = class_count(dataset)
+    if n_classes and n_classes != model.num_classes:
+        raise ValueError(f"the dataset has {n_classes} classes but {args.model} has {model.num_classes} outputs "
+                         f"(pass --num-classes {n_classes} with a matching --checkpoint)")
+    result = evaluate(model, dataset, batch_size=args.batch_size, workers=args.workers, device=device,
+                      amp=args.amp, channels_last=args.channels_last)
+    result.update({
+        "model": args.model, "param_count": _count_params(model), "img_size": cfg["input_size"][-1],
+        "crop_pct": cfg["crop_pct"], "interpolation": cfg["interpolation"], "world_size": world,
+    })
+    if not is_main_process():
+        return 0
+    if args.results_format == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(result))
+        writer.writeheader()
+        writer.writerow(result)
+        text = buf.getvalue()
+    else:
+        text = json.dumps(result, indent=2) + "\n"
+    if args.results_file:
+        with open(args.results_file, "w") as f:
+            f.write(text)
+    print(f"{args.model}: top1 {result['top1']:.2f}%  top5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
+          f"({result['num_samples']} images, {result['img_per_sec']:.0f} img/s)")
+    if not args.results_file:
+        print(text, end="")
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    import logging
+
+    from .train import finetune
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args.checkpoint = _checkpoint_file(args.checkpoint)
+    metrics = finetune(args)
+    print(json.dumps(metrics))
+    return 0
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from .study import format_table, microbatch_study
+
+    study = microbatch_study(
+        data_dir=args.data_dir, batch_sizes=args.batch_sizes, norms=args.norms, train_images=args.train_images,
+        test_images=args.test_images, epochs=args.epochs, lr=args.lr, seed=args.seed, output=args.output,
+    )
+    print(format_table(study))
+    if args.output:
+        print(f"results, table and loss plot in {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wszoo", description="Weight Standardization model zoo")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +246,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-b", "--batch-size", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("eval", help="evaluate a model on a dataset (flags as timm's validate.py)")
+    _model_args(p)
+    p.add_argument("--dataset", default="imagefolder", help="imagefolder, fashion-mnist, or a torchvision dataset name")
+    p.add_argument("--split", default="val", help="subfolder / split to evaluate (default val; test for fashion-mnist)")
+    p.add_argument("-b", "--batch-size", type=int, default=64)
+    p.add_argument("-j", "--workers", type=int, default=0)
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--crop-pct", type=float, default=None)
+    p.add_argument("--interpolation", default=None)
+    p.add_argument("--mean", type=float, nargs="+", default=None)
+    p.add_argument("--std", type=float, nargs="+", default=None)
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, help="autocast dtype: bf16 (default) or fp16")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--results-file", default=None)
+    p.add_argument("--results-format", choices=["json", "csv"], default="json")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("finetune", help="fine-tune a model on an ImageFolder tree or Fashion-MNIST")
+    _model_args(p)
+    p.add_argument("--dataset", default="imagefolder")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("-b", "--batch-size", type=int, default=32, help="micro-batch size per process")
+    p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--opt", choices=["sgd", "adamw"], default="sgd")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--min-lr", type=float, default=0.0)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--warmup-epochs", type=float, default=0.5)
+    p.add_argument("--clip-mode", choices=["none", "norm", "agc"], default="none")
+    p.add_argument("--clip-grad", type=float, default=0.01, help="AGC clip factor, or the max grad norm")
+    p.add_argument("--freeze-stages", type=int, default=-1, help="0: stem, k: stem and stages 1..k; -1: none")
+    p.add_argument("--amp", nargs="?", const="bf16", default=None)
+    p.add_argument("--ema-decay", type=float, default=0.0, help="e.g. 0.999; 0 disables EMA")
+    p.add_argument("--drop", type=float, default=0.0)
+    p.add_argument("--drop-path", type=float, default=0.0)
+    p.add_argument("--aug", choices=["timm", "flip-crop", "none"], default="timm")
+    p.add_argument("--limit-train", type=int, default=None, help="use the first N training images")
+    p.add_argument("--limit-val", type=int, default=None)
+    p.add_argument("-j", "--workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-interval", type=int, default=50)
+    p.add_argument("--output", required=True, help="directory for checkpoints (last/, best/) and metrics.jsonl")
+    p.add_argument("--resume", default=None, help="a previous --output directory to continue from")
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("study", help="reproducible studies; 'microbatch': BN vs GN vs GN+WS at batch 1, 2, 32")
+    p.add_argument("name", choices=["microbatch"])
+    p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 32])
+    p.add_argument("--norms", nargs="+", default=["bn", "gn", "gn_ws"])
+    p.add_argument("--train-images", type=int, default=None, help="subset: first N training images (default all)")
+    p.add_argument("--test-images", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=0.05, help="learning rate at batch 32 (scaled linearly)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="directory for microbatch.json/.md and microbatch_loss.png")
+    p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("convert", help="convert an original checkpoint to a safetensors state dict")
     p.add_argument("src", help="the original file, e.g. F0_haiku.npz or R-50-GN-WS.pth.tar")

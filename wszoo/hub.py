@@ -32,7 +32,7 @@ from .checkpoint import CheckpointError, check_state_dict, load_checkpoint, read
 
 __all__ = [
     "PretrainedWeightsError", "download_from_hub", "pretrained_weights_file", "load_pretrained",
-    "save_pretrained", "push_to_hub", "parse_hf_hub_name", "load_checkpoint", "wszoo_cache_dir",
+    "save_pretrained", "push_to_hub", "parse_hf_hub_name", "read_local_config", "load_checkpoint", "wszoo_cache_dir",
 ]
 
 _logger = logging.getLogger("wszoo")
@@ -139,6 +139,13 @@ def pretrained_weights_file(cfg: Mapping[str, Any]) -> str:
         return download_from_hub(cfg["hf_hub_id"], filename, cfg.get("revision"))
     if cfg.get("url"):
         return _converted_original(cfg)
+    if cfg.get("package_dir"):  # weights shipped inside the wszoo package (the embedded default)
+        from importlib import resources
+
+        path = resources.files("wszoo").joinpath(cfg["package_dir"], WEIGHTS_NAME)
+        if not path.is_file():
+            raise PretrainedWeightsError(f"the packaged weights {cfg['package_dir']}/{WEIGHTS_NAME} are missing")
+        return str(path)
     raise PretrainedWeightsError(
         f"{cfg.get('architecture')!r} has no pretrained weights (tags: see wszoo.list_pretrained())"
     )
@@ -180,6 +187,20 @@ def load_pretrained(model: nn.Module, cfg: Mapping[str, Any], path: Optional[str
     check_state_dict(model, state_dict, source=f"checkpoint {path!r}", strict=True)
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+def read_local_config(directory: str) -> Dict[str, Any]:
+    """config.json of a ``save_pretrained`` directory (for ``create_model('local-dir:...')``)."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise PretrainedWeightsError(f"{directory} has no {CONFIG_NAME}: not a save_pretrained directory")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise PretrainedWeightsError(f"{path} is not valid JSON: {e}") from e
+    if "architecture" not in config:
+        raise PretrainedWeightsError(f"{path} names no 'architecture'")
+    return config
 
 
 def parse_hf_hub_name(name: str) -> Tuple[str, Optional[str]]:

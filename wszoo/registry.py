@@ -9,7 +9,8 @@ import json
 import re
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
@@ -173,37 +174,54 @@ def create_model(
     checkpoint_path: Optional[str] = None,
     drop_rate: float = 0.0,
     drop_path_rate: float = 0.0,
+    features_only: bool = False,
+    out_indices: Optional[Sequence[int]] = None,
+    frozen_stages: int = -1,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a registered model by name, timm-style.
 
     Args:
         model_name: ``arch``, ``arch.tag`` (the tag selects the pretrained config and its class count), or
-            ``hf-hub:org/repo[@revision]`` for a repo written by :func:`wszoo.hub.save_pretrained`.
+            ``hf-hub:org/repo[@revision]`` for a repo written by :func:`wszoo.hub.save_pretrained`, or
+            ``local-dir:/path`` for such a directory on disk.
         pretrained: load the published weights of the tag (``arch`` alone: its default tag) through
             :func:`wszoo.hub.load_pretrained`: safetensors from the Hub, or an original pickle converted once.
         num_classes: classifier outputs; defaults to the pretrained config's (1000 for ImageNet-1k). A
             different count keeps a fresh classifier and loads everything else.
-        in_chans: input channels, default 3 (the pretrained first conv is adapted as timm does).
+        in_chans: input channels; default the config's (3, or 1 for the Fashion-MNIST models). Pretrained
+            first convs are adapted as timm does.
         checkpoint_path: a local ``.safetensors`` state dict to load strictly (checked before any copy);
             it replaces ``pretrained``.
         drop_rate, drop_path_rate: classifier dropout and stochastic depth.
+        features_only: return a feature extractor (timm's ``FeatureListNet``): ``model(x)`` is a list of
+            maps, ``model.feature_info`` has ``channels()``, ``reduction()``, ``module_name()``.
+        out_indices: which entries of ``feature_info`` to return (default all; ``(1, 2, 3, 4)`` gives
+            strides 4, 8, 16, 32 on the ImageNet families).
+        frozen_stages: -1 none; 0 the stem; k the stem and stages 1..k (``requires_grad=False``, frozen
+            BatchNorms keep their statistics), as detection recipes use.
         **kwargs: passed to the architecture (e.g. ``global_pool``, ``output_stride``, ``ws_style``).
 
     The model gets ``pretrained_cfg`` (a dict usable by ``timm.data.resolve_data_config``).
     """
     _ensure_models_imported()
     repo_args: Dict[str, Any] = {}  # model args recorded by save_pretrained; explicit arguments win
-    if model_name.startswith("hf-hub:"):
-        from .hub import parse_hf_hub_name, read_hub_config
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        from .hub import parse_hf_hub_name, read_hub_config, read_local_config
 
-        repo_id, revision = parse_hf_hub_name(model_name)
-        config = read_hub_config(repo_id, revision)
+        if model_name.startswith("hf-hub:"):
+            repo_id, revision = parse_hf_hub_name(model_name)
+            config = read_hub_config(repo_id, revision)
+            source = {"hf_hub_id": repo_id, "hf_hub_filename": "model.safetensors", "revision": revision}
+        else:
+            directory = model_name[len("local-dir:"):]
+            config = read_local_config(directory)
+            source = {"hf_hub_id": None, "url": None, "package_dir": None}
+            checkpoint_path = checkpoint_path or (str(Path(directory) / "model.safetensors") if pretrained else None)
         arch = config["architecture"]
         if arch not in _entrypoints:
             raise _unknown_model(arch)
-        cfg = {**config.get("pretrained_cfg", {}), "architecture": arch, "hf_hub_id": repo_id,
-               "hf_hub_filename": "model.safetensors", "revision": revision}
+        cfg = {**config.get("pretrained_cfg", {}), "architecture": arch, **source}
         cfg.setdefault("num_classes", config.get("num_classes"))
         for key in ("input_size", "test_input_size", "mean", "std", "pool_size"):
             if isinstance(cfg.get(key), list):
@@ -216,7 +234,7 @@ def create_model(
         cfg = get_pretrained_cfg(model_name)
     repo_classes, repo_chans = repo_args.pop("num_classes", None), repo_args.pop("in_chans", None)
     num_classes = int(num_classes if num_classes is not None else repo_classes or cfg.get("num_classes") or 1000)
-    in_chans = int(in_chans if in_chans is not None else repo_chans or 3)
+    in_chans = int(in_chans if in_chans is not None else repo_chans or (cfg.get("input_size") or (3,))[0])
     kwargs = {**repo_args, **kwargs}
     model = _entrypoints[arch](
         num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, drop_path_rate=drop_path_rate, **kwargs
@@ -232,4 +250,23 @@ def create_model(
         from .checkpoint import load_checkpoint
 
         load_checkpoint(model, checkpoint_path)
+    if frozen_stages >= 0:
+        from .models._helpers import freeze_stages
+
+        freeze_stages(model, frozen_stages)
+    if features_only:
+        from timm.models import FeatureListNet
+
+        indices = tuple(out_indices) if out_indices is not None else tuple(range(len(model.feature_info)))
+        bad = [i for i in indices if not -len(model.feature_info) <= i < len(model.feature_info)]
+        if bad:
+            raise ValueError(f"out_indices {bad} out of range: {arch} has {len(model.feature_info)} feature levels")
+        cfg, args = model.pretrained_cfg, model.model_args
+        # nested feature modules ('stages.0', 'stem.conv') need timm's flattening of Sequential containers;
+        # torchvision's layout ('layer1') must stay as it is
+        nested = any("." in f["module"] for f in model.feature_info)
+        model = FeatureListNet(model, out_indices=indices, flatten_sequential=nested)
+        model.pretrained_cfg, model.default_cfg, model.model_args = cfg, cfg, args
+    elif out_indices is not None:
+        raise ValueError("out_indices is for features_only=True")
     return model

@@ -1,0 +1,162 @@
+"""Datasets for evaluation and fine-tuning: ImageFolder trees, Fashion-MNIST's idx files, and
+torchvision's datasets by name. Images are returned as PIL images in the mode the model takes (``'L'``
+for one input channel, ``'RGB'`` for three), so timm's transforms apply unchanged."""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+__all__ = ["DataError", "FashionMNIST", "create_dataset", "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES"]
+
+#: Where Debian's ``dataset-fashion-mnist`` package puts the files.
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot"]
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as asked (missing, empty, malformed)."""
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An idx file (the MNIST format), gzipped or not: magic (2 zero bytes, dtype 0x08, ndim), dims, data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read {path}: {e}") from e
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte idx file")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated: header says {dims}, found {body.size} values")
+    return body.reshape(dims)
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST (Xiao et al. 2017; MIT licence) from its four idx files in ``root``.
+
+    ``split``: ``'train'`` (60,000 images) or ``'test'``/``'val'`` (10,000). ``limit`` keeps the first N.
+    """
+
+    classes = FASHION_MNIST_CLASSES
+
+    def __init__(self, root: str = FASHION_MNIST_DIR, split: str = "train", transform: Optional[Callable] = None,
+                 limit: Optional[int] = None, mode: str = "L") -> None:
+        prefix = {"train": "train", "test": "t10k", "val": "t10k", "validation": "t10k"}.get(split)
+        if prefix is None:
+            raise DataError(f"Fashion-MNIST has splits 'train' and 'test', not {split!r}")
+        root_path = Path(root)
+        images = self._find(root_path, f"{prefix}-images-idx3-ubyte")
+        labels = self._find(root_path, f"{prefix}-labels-idx1-ubyte")
+        self.images, self.targets = _read_idx(images), _read_idx(labels).astype(np.int64)
+        if len(self.images) != len(self.targets):
+            raise DataError(f"{images} and {labels} disagree: {len(self.images)} images, {len(self.targets)} labels")
+        if limit is not None:
+            self.images, self.targets = self.images[:limit], self.targets[:limit]
+        self.transform, self.mode = transform, mode
+
+    @staticmethod
+    def _find(root: Path, stem: str) -> Path:
+        for name in (stem + ".gz", stem):
+            if (root / name).is_file():
+                return root / name
+        hint = " (install Debian's dataset-fashion-mnist package)" if str(root) == FASHION_MNIST_DIR else ""
+        raise DataError(f"{root} has no {stem}[.gz]: not a Fashion-MNIST directory{hint}")
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> Tuple[object, int]:
+        img = Image.fromarray(self.images[index], mode="L")
+        if self.mode != "L":
+            img = img.convert(self.mode)
+        return (self.transform(img) if self.transform else img), int(self.targets[index])
+
+
+def _image_folder(root: Path, split: Optional[str], transform, mode: str):
+    from torchvision.datasets import ImageFolder
+
+    if not root.is_dir():
+        raise DataError(f"data directory {root} does not exist")
+    folder = root / split if split and (root / split).is_dir() else root
+    try:
+        ds = ImageFolder(str(folder), transform=transform, loader=lambda p: Image.open(p).convert(mode))
+    except FileNotFoundError as e:  # torchvision's words for "no class folders" / "no images"
+        raise DataError(f"{folder}: {e}") from e
+    return ds
+
+
+def create_dataset(name: str, root: Optional[str], split: str = "val", transform: Optional[Callable] = None,
+                   in_chans: int = 3, limit: Optional[int] = None) -> Dataset:
+    """``imagefolder`` (``root/<split>/<class>/*`` or ``root/<class>/*``), ``fashion-mnist``, or a
+    torchvision dataset class by name (``cifar10``, ``stl10`` ...; files must already be in ``root``).
+
+    The returned dataset has ``classes``.
+    """
+    mode = "L" if in_chans == 1 else "RGB"
+    key = name.lower().replace("_", "-")
+    if key == "imagefolder":
+        if not root:
+            raise DataError("--data-dir is required for an imagefolder dataset")
+        ds = _image_folder(Path(root), split, transform, mode)
+    elif key == "fashion-mnist":
+        ds = FashionMNIST(root or FASHION_MNIST_DIR, split=split, transform=transform, mode=mode)
+    else:
+        import torchvision.datasets as tvd
+
+        cls = {n.lower(): getattr(tvd, n) for n in dir(tvd) if isinstance(getattr(tvd, n), type)}.get(key.replace("-", ""))
+        if cls is None:
+            raise DataError(f"unknown dataset {name!r}: use imagefolder, fashion-mnist or a torchvision dataset name")
+        if not root or not os.path.isdir(root):
+            raise DataError(f"data directory {root} does not exist")
+        try:
+            kwargs = {"train": split == "train"} if "train" in cls.__init__.__code__.co_varnames else {"split": split}
+            ds = cls(root, transform=None, download=False, **kwargs)
+        except (RuntimeError, OSError) as e:
+            raise DataError(f"{name} in {root}: {e}") from e
+        ds = _ModeWrapper(ds, transform, mode)
+    if limit is not None and not isinstance(ds, FashionMNIST):
+        from torch.utils.data import Subset
+
+        classes = ds.classes
+        ds = Subset(ds, range(min(limit, len(ds))))
+        ds.classes = classes
+    elif limit is not None:
+        ds.images, ds.targets = ds.images[:limit], ds.targets[:limit]
+    if len(ds) == 0:
+        raise DataError(f"dataset {name!r} at {root} ({split}) is empty")
+    return ds
+
+
+class _ModeWrapper(Dataset):
+    """Converts a torchvision dataset's images to the model's mode before the transform."""
+
+    def __init__(self, ds, transform, mode: str) -> None:
+        self.ds, self.transform, self.mode = ds, transform, mode
+        self.classes: List[str] = list(getattr(ds, "classes", []))
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int):
+        img, target = self.ds[index]
+        if not isinstance(img, Image.Image):
+            img = Image.fromarray(np.asarray(img))
+        img = img.convert(self.mode)
+        return (self.transform(img) if self.transform else img), int(target)
+
+
+def class_count(ds: Dataset) -> int:
+    classes: Sequence = getattr(ds, "classes", None) or []
+    return len(classes)
