@@ -34,57 +34,34 @@ for _name in _wszoo.list_models():
 del _name
 
 
-def fasterrcnn_gn_ws(pretrained: bool = False, backbone: str = "resnet50_gn_ws", num_classes: int = 91, **kwargs):
-    """Faster R-CNN with a wszoo backbone and a GN+WS FPN and 4conv1fc box head (torchvision's detector).
 
-    Args:
-        pretrained: load the backbone's published weights (no detector weights are published).
-        backbone: any registered wszoo model name.
-        num_classes: detector classes including background.
-        **kwargs: passed to wszoo.detection.build_detector / torchvision's FasterRCNN.
-    """
-    from wszoo.detection import build_detector
+def _pipeline_entry(name: str, kind: str, num_classes: int, summary: str):
+    def entry(pretrained: bool = False, backbone: str = "resnet50_gn_ws", num_classes: int = num_classes, **kwargs):
+        from wszoo.detection import build_detector, build_segmenter
 
-    return build_detector("fasterrcnn", backbone, num_classes, pretrained_backbone=pretrained, **kwargs)
+        if kind == "deeplabv3":
+            return build_segmenter(kind, backbone, num_classes, pretrained_backbone=pretrained, **kwargs)
+        return build_detector(kind, backbone, num_classes, pretrained_backbone=pretrained, **kwargs)
 
-
-def maskrcnn_gn_ws(pretrained: bool = False, backbone: str = "resnet50_gn_ws", num_classes: int = 91, **kwargs):
-    """Mask R-CNN with a wszoo backbone, GN+WS FPN, box head and mask head.
-
-    Args:
-        pretrained: load the backbone's published weights (no detector weights are published).
-        backbone: any registered wszoo model name.
-        num_classes: detector classes including background.
-        **kwargs: passed to wszoo.detection.build_detector / torchvision's MaskRCNN.
-    """
-    from wszoo.detection import build_detector
-
-    return build_detector("maskrcnn", backbone, num_classes, pretrained_backbone=pretrained, **kwargs)
+    entry.__name__ = entry.__qualname__ = name
+    builder = "build_segmenter" if kind == "deeplabv3" else "build_detector"
+    entry.__doc__ = (
+        f"{summary}\n\n"
+        f"Args:\n"
+        f"    pretrained: load the backbone's published weights (no {kind} weights are published).\n"
+        f"    backbone: any registered wszoo model name.\n"
+        f"    num_classes: output classes (default {num_classes}"
+        + (", including background" if kind in ("fasterrcnn", "maskrcnn") else "") + ").\n"
+        f"    **kwargs: passed to wszoo.detection.{builder} and torchvision's model."
+    )
+    return entry
 
 
-def retinanet_gn_ws(pretrained: bool = False, backbone: str = "resnet50_gn_ws", num_classes: int = 91, **kwargs):
-    """RetinaNet with a wszoo backbone, a GN+WS FPN (P3-P7) and GN+WS classification/regression towers.
-
-    Args:
-        pretrained: load the backbone's published weights (no detector weights are published).
-        backbone: any registered wszoo model name.
-        num_classes: detector classes.
-        **kwargs: passed to wszoo.detection.build_detector / torchvision's RetinaNet.
-    """
-    from wszoo.detection import build_detector
-
-    return build_detector("retinanet", backbone, num_classes, pretrained_backbone=pretrained, **kwargs)
-
-
-def deeplabv3_gn_ws(pretrained: bool = False, backbone: str = "resnet50_gn_ws", num_classes: int = 21, **kwargs):
-    """DeepLabv3 with a dilated wszoo backbone (output stride 8 or 16) and a GN+WS ASPP head.
-
-    Args:
-        pretrained: load the backbone's published weights (no segmenter weights are published).
-        backbone: any registered wszoo model name.
-        num_classes: segmentation classes.
-        **kwargs: passed to wszoo.detection.build_segmenter (output_stride, ...).
-    """
-    from wszoo.detection import build_segmenter
-
-    return build_segmenter("deeplabv3", backbone, num_classes, pretrained_backbone=pretrained, **kwargs)
+fasterrcnn_gn_ws = _pipeline_entry(
+    "fasterrcnn_gn_ws", "fasterrcnn", 91, "Faster R-CNN: wszoo backbone, GN+WS FPN and 4conv1fc box head.")
+maskrcnn_gn_ws = _pipeline_entry(
+    "maskrcnn_gn_ws", "maskrcnn", 91, "Mask R-CNN: wszoo backbone, GN+WS FPN, box head and mask head.")
+retinanet_gn_ws = _pipeline_entry(
+    "retinanet_gn_ws", "retinanet", 91, "RetinaNet: wszoo backbone, GN+WS FPN (P3-P7) and GN+WS towers.")
+deeplabv3_gn_ws = _pipeline_entry(
+    "deeplabv3_gn_ws", "deeplabv3", 21, "DeepLabv3: dilated wszoo backbone (output stride 8/16), GN+WS ASPP head.")
