@@ -8,7 +8,7 @@ import logging
 import pytest
 import timm
 import torch
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 
 import wszoo
 from tests.helpers import randomize_

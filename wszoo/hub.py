@@ -28,7 +28,7 @@ from huggingface_hub.errors import (
 from safetensors.torch import save_file
 from timm.models import adapt_input_conv
 
-from .checkpoint import CheckpointError, check_state_dict, load_checkpoint, read_safetensors, strip_prefix
+from .checkpoint import check_state_dict, load_checkpoint, read_safetensors, strip_prefix
 
 __all__ = [
     "PretrainedWeightsError", "download_from_hub", "pretrained_weights_file", "load_pretrained",
