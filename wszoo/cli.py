@@ -87,14 +87,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """List the registry, then build the smallest model of each family and run it on a random image."""
+    from .card import param_count
+
     names = registry.list_models()
     print(f"{len(names)} registered models:")
     for name in names:
         print(f"  {name}")
     smallest = {}
     for name in names:
-        with torch.device("meta"):  # count parameters without allocating them
-            size = _count_params(registry.create_model(name))
+        size = param_count(name)  # built on the meta device: nothing allocated
         family = registry.model_family(name)
         if family not in smallest or size < smallest[family][0]:
             smallest[family] = (size, name)

@@ -111,7 +111,7 @@ def create_dataset(name: str, root: Optional[str], split: str = "val", transform
             raise DataError("--data-dir is required for an imagefolder dataset")
         ds = _image_folder(Path(root), split, transform, mode)
     elif key == "fashion-mnist":
-        ds = FashionMNIST(root or FASHION_MNIST_DIR, split=split, transform=transform, mode=mode)
+        ds = FashionMNIST(root or FASHION_MNIST_DIR, split=split, transform=transform, mode=mode, limit=limit)
     else:
         import torchvision.datasets as tvd
 
@@ -126,14 +126,12 @@ def create_dataset(name: str, root: Optional[str], split: str = "val", transform
         except (RuntimeError, OSError) as e:
             raise DataError(f"{name} in {root}: {e}") from e
         ds = _ModeWrapper(ds, transform, mode)
-    if limit is not None and not isinstance(ds, FashionMNIST):
+    if limit is not None and not isinstance(ds, FashionMNIST):  # FashionMNIST applied it itself
         from torch.utils.data import Subset
 
         classes = ds.classes
         ds = Subset(ds, range(min(limit, len(ds))))
         ds.classes = classes
-    elif limit is not None:
-        ds.images, ds.targets = ds.images[:limit], ds.targets[:limit]
     if len(ds) == 0:
         raise DataError(f"dataset {name!r} at {root} ({split}) is empty")
     return ds

@@ -194,13 +194,7 @@ def read_local_config(directory: str) -> Dict[str, Any]:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise PretrainedWeightsError(f"{directory} has no {CONFIG_NAME}: not a save_pretrained directory")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise PretrainedWeightsError(f"{path} is not valid JSON: {e}") from e
-    if "architecture" not in config:
-        raise PretrainedWeightsError(f"{path} names no 'architecture'")
-    return config
+    return _parse_config(str(path), directory)
 
 
 def parse_hf_hub_name(name: str) -> Tuple[str, Optional[str]]:
@@ -212,16 +206,21 @@ def parse_hf_hub_name(name: str) -> Tuple[str, Optional[str]]:
     return repo, rev or None
 
 
-def read_hub_config(repo_id: str, revision: Optional[str]) -> Dict[str, Any]:
-    path = download_from_hub(repo_id, CONFIG_NAME, revision)
+def _parse_config(path: str, where: str) -> Dict[str, Any]:
+    """A save_pretrained ``config.json``: readable JSON that names an architecture."""
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise PretrainedWeightsError(f"{repo_id}: {CONFIG_NAME} is not readable JSON: {e}") from e
-    if "architecture" not in config:
-        raise PretrainedWeightsError(f"{repo_id}: {CONFIG_NAME} names no 'architecture' (not a wszoo/timm repo?)")
+        raise PretrainedWeightsError(f"{where}: {CONFIG_NAME} is not readable JSON: {e}") from e
+    if not isinstance(config, dict) or "architecture" not in config:
+        raise PretrainedWeightsError(f"{where}: {CONFIG_NAME} names no 'architecture' (not a wszoo/timm repo?)")
     return config
+
+
+def read_hub_config(repo_id: str, revision: Optional[str]) -> Dict[str, Any]:
+    """config.json of a Hub repo written by :func:`save_pretrained`."""
+    return _parse_config(download_from_hub(repo_id, CONFIG_NAME, revision), repo_id)
 
 
 def _jsonable(value: Any) -> Any:

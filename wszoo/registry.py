@@ -41,10 +41,15 @@ class _ArchConfig:
             cfg.update(copy.deepcopy(self.tags[tag]))
         cfg["architecture"] = arch
         cfg["tag"] = tag or ""
-        for key in ("input_size", "test_input_size", "mean", "std", "pool_size"):
-            if isinstance(cfg.get(key), list):
-                cfg[key] = tuple(cfg[key])
-        return cfg
+        return _with_tuples(cfg)
+
+
+def _with_tuples(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """JSON lists back to the tuples timm's data helpers compare against (in place; returns ``cfg``)."""
+    for key in ("input_size", "test_input_size", "mean", "std", "pool_size"):
+        if isinstance(cfg.get(key), list):
+            cfg[key] = tuple(cfg[key])
+    return cfg
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -223,9 +228,7 @@ def create_model(
             raise _unknown_model(arch)
         cfg = {**config.get("pretrained_cfg", {}), "architecture": arch, **source}
         cfg.setdefault("num_classes", config.get("num_classes"))
-        for key in ("input_size", "test_input_size", "mean", "std", "pool_size"):
-            if isinstance(cfg.get(key), list):
-                cfg[key] = tuple(cfg[key])
+        _with_tuples(cfg)
         repo_args = dict(config.get("model_args", {}))
     else:
         arch, _ = split_model_name(model_name)

@@ -78,8 +78,8 @@ def microbatch_study(
     unknown = [n for n in norms if n not in NORMS]
     if unknown:
         raise ValueError(f"unknown norms {unknown}; choose from {', '.join(NORMS)}")
-    mean, std = registry.get_pretrained_cfg("resnet_mini_gn_ws")["mean"], registry.get_pretrained_cfg("resnet_mini_gn_ws")["std"]
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+    cfg = registry.get_pretrained_cfg("resnet_mini_gn_ws")
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(cfg["mean"], cfg["std"])])
     train_set = FashionMNIST(data_dir, "train", tf, limit=train_images)
     test_set = FashionMNIST(data_dir, "test", tf, limit=test_images)
     settings = {"train_images": len(train_set), "test_images": len(test_set), "epochs": epochs, "lr_at_32": lr,

@@ -85,7 +85,8 @@ def _build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 or p.shape[1:] == (1, 1, 1) and p.numel() == p.shape[0] else decay).append(p)
+            # no decay on norms, biases and Scaled-WS gains ((out, 1, 1, 1))
+            (no_decay if p.ndim <= 1 or p.shape[1:] == (1, 1, 1) else decay).append(p)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if args.opt == "sgd":
         return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)

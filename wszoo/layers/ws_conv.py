@@ -82,41 +82,30 @@ class WSConv2d(_WSMixin, nn.Conv2d):
         return super().extra_repr() + self._ws_repr()
 
 
-class WSConv2dSame(WSConv2d):
-    """:class:`WSConv2d` with TensorFlow 'SAME' padding (asymmetric, computed from the input size).
+class _TFSamePadding:
+    """TensorFlow 'SAME' padding for a WS conv (asymmetric, computed from the input size). When it can
+    be static (stride 1 and an odd effective kernel) it is folded into the conv and costs nothing."""
 
-    Used by checkpoints ported from TF/JAX (e.g. DeepMind's NFNets). When the padding can be static
-    (stride 1 and an odd effective kernel) it is folded into the conv and costs nothing.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: _IntOr2,
-        stride: _IntOr2 = 1,
-        padding: str = "same",
-        dilation: _IntOr2 = 1,
-        groups: int = 1,
-        bias: bool = False,
-        style: str = "timm",
-        eps: Optional[float] = None,
-        device=None,
-        dtype=None,
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntOr2, stride: _IntOr2 = 1,
+                 padding: str = "same", dilation: _IntOr2 = 1, **kwargs) -> None:
         if not isinstance(padding, str):
-            raise TypeError(f"WSConv2dSame takes a padding mode string ('same'), got {padding!r}")
-        static_padding, self_dynamic = get_padding_value(padding, kernel_size, stride=stride, dilation=dilation)
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride=stride, padding=static_padding, dilation=dilation,
-            groups=groups, bias=bias, style=style, eps=eps, device=device, dtype=dtype,
-        )
-        self.dynamic_same_pad = self_dynamic
+            raise TypeError(f"{type(self).__name__} takes a padding mode string ('same'), got {padding!r}")
+        static_padding, dynamic = get_padding_value(padding, kernel_size, stride=stride, dilation=dilation)
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=static_padding,
+                         dilation=dilation, **kwargs)
+        self.dynamic_same_pad = dynamic
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic_same_pad:
             x = pad_same(x, self.kernel_size, self.stride, self.dilation)
         return self._conv_forward(x, self.standardized_weight(), self.bias)
+
+
+class WSConv2dSame(_TFSamePadding, WSConv2d):
+    """:class:`WSConv2d` with TensorFlow 'SAME' padding, for checkpoints ported from TF/JAX.
+
+    Takes :class:`WSConv2d`'s arguments, with ``padding`` a mode string (default ``'same'``).
+    """
 
 
 class WSLinear(_WSMixin, nn.Linear):
@@ -191,19 +180,5 @@ class ScaledWSConv2d(WSConv2d):
         return super().extra_repr() + f", gamma={self.gamma:g}"
 
 
-class ScaledWSConv2dSame(ScaledWSConv2d):
+class ScaledWSConv2dSame(_TFSamePadding, ScaledWSConv2d):
     """:class:`ScaledWSConv2d` with TensorFlow 'SAME' padding (DeepMind's NFNet checkpoints)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntOr2, stride: _IntOr2 = 1,
-                 padding: str = "same", dilation: _IntOr2 = 1, **kwargs) -> None:
-        if not isinstance(padding, str):
-            raise TypeError(f"ScaledWSConv2dSame takes a padding mode string ('same'), got {padding!r}")
-        static_padding, dynamic = get_padding_value(padding, kernel_size, stride=stride, dilation=dilation)
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=static_padding,
-                         dilation=dilation, **kwargs)
-        self.dynamic_same_pad = dynamic
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dynamic_same_pad:
-            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-        return self._conv_forward(x, self.standardized_weight(), self.bias)
