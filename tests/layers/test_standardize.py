@@ -218,3 +218,58 @@ def test_gain_and_gamma_only_for_scaled_styles():
         standardize_weight(w, "qiao", gain=torch.ones(4))
     with pytest.raises(ValueError, match=r"one value per output filter \(4\)"):
         standardize_weight(w, "deepmind", gain=torch.ones(5))
+
+
+# --- gradients (qiao runs on a custom autograd function; the others on batch_norm's own backward) ---
+@pytest.mark.parametrize("style", UNSCALED)
+@pytest.mark.parametrize("eps", [1e-5, 3e-2])
+@pytest.mark.parametrize("shape", [(16, 8, 3, 3), (5, 40)])
+def test_gradient_equals_autograd_through_the_upstream_formula(style, eps, shape):
+    """qiao/bcn run on a custom autograd function whose backward is one batch_norm backward with a
+    per-row invstd rho = sqrt(-2 b'(v) / b) and affine weight a / rho (see _Standardize). For qiao,
+    y = (W - m) * a with a = 1 / (s_u + eps), s_u the unbiased std over n, the true gradient is
+    dL/dW = a (g - mean(g)) - (W - m) * a^2 * sum(g (W - m)) / ((n - 1) s_u); a large eps makes the
+    difference from batch_norm's own backward large, so a wrong rho would show."""
+    torch.manual_seed(5)
+    w = (torch.randn(*shape, dtype=torch.float64) * 0.05 + 0.02).requires_grad_()
+    w_ref = w.detach().clone().requires_grad_()
+    upstream = torch.randn(*shape, dtype=torch.float64)
+    (standardize_weight(w, style, eps) * upstream).sum().backward()
+    (REFERENCES[style](w_ref.reshape(shape[0], -1, 1, 1) if len(shape) == 2 else w_ref, eps).reshape(shape)
+     * upstream).sum().backward()
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-9, atol=1e-9)
+
+
+def test_qiao_passes_gradcheck_and_refuses_double_backward():
+    w = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: standardize_weight(t, "qiao", 1e-2), (w,))
+    (grad,) = torch.autograd.grad(standardize_weight(w, "qiao").pow(3).sum(), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|twice"):
+        grad.sum().backward()
+
+
+@pytest.mark.parametrize("style", WS_STYLES)
+def test_channels_last_weights_keep_their_layout_and_values(style):
+    torch.manual_seed(6)
+    w = torch.randn(8, 5, 3, 3)
+    w_cl = w.to(memory_format=torch.channels_last).requires_grad_()
+    out = standardize_weight(w_cl, style)
+    assert out.is_contiguous(memory_format=torch.channels_last), "no layout change: the conv wants channels-last"
+    torch.testing.assert_close(out, standardize_weight(w, style), rtol=1e-6, atol=1e-6)
+    out.sum().backward()
+    assert w_cl.grad is not None and torch.isfinite(w_cl.grad).all()
+
+
+@pytest.mark.parametrize("style", SCALED_REFERENCES)
+def test_scaled_gradients_reach_weight_and_gain_as_autograd_through_the_formula(style):
+    torch.manual_seed(7)
+    shape = (6, 4, 3, 3)
+    w = (torch.randn(*shape, dtype=torch.float64) * 0.05).requires_grad_()
+    gain = (torch.rand(6, 1, 1, 1, dtype=torch.float64) + 0.5).requires_grad_()
+    w_ref, gain_ref = w.detach().clone().requires_grad_(), gain.detach().clone().requires_grad_()
+    upstream = torch.randn(*shape, dtype=torch.float64)
+    eps = 1e-2  # large enough for deepmind's clamp to bite on none of the rows but to shape the result
+    (standardize_weight(w, style, eps, gain=gain, gamma=1.3) * upstream).sum().backward()
+    (SCALED_REFERENCES[style](w_ref, eps, gain_ref, 1.3) * upstream).sum().backward()
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(gain.grad, gain_ref.grad, rtol=1e-9, atol=1e-9)

@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import StdConv2d, StdConv2dSame
 
-from wszoo.layers import GroupNormAct, WSConv2d, WSConv2dSame, WSLinear, get_act_layer, is_ws_layer
+from wszoo.layers import GroupNormAct, ScaledWSConv2d, WSConv2d, WSConv2dSame, WSLinear, get_act_layer, is_ws_layer
 
 from .test_standardize import REFERENCES
 
@@ -145,3 +145,126 @@ def test_gamma_act_constants_preserve_unit_variance():
     assert NONLIN_GAMMA["relu"] == 1.7139588594436646 and GammaAct("gelu", gamma=2.0).gamma == 2.0
     with pytest.raises(ValueError, match="unknown activation 'swishy'"):
         GammaAct("swishy")
+
+
+# --- the eval-mode cache of the standardized weight -------------------------------------------------
+def _eval_conv(**kw):
+    torch.manual_seed(0)
+    return WSConv2d(6, 4, 3, bias=True, **kw).eval()
+
+
+def _fresh(layer, x):
+    """What the layer computes without any cache: the conv with a freshly standardized weight."""
+    with torch.no_grad():
+        return layer._conv_forward(x, layer.standardized_weight(), layer.bias)
+
+
+def test_eval_cache_is_reused_until_the_weight_changes():
+    conv, x = _eval_conv(style="qiao"), torch.randn(1, 6, 5, 5)
+    with torch.no_grad():
+        first = conv._forward_weight()
+        assert conv._forward_weight() is first, "an unchanged weight must not be standardized again"
+        conv.weight.mul_(2.0).add_(0.1)  # in-place edit: version counter moves
+        assert conv._forward_weight() is not first
+        assert torch.equal(conv(x), _fresh(conv, x))
+
+
+@pytest.mark.parametrize("change", ["optimizer", "load_state_dict", "to_float64", "data_assignment", "eps", "gain"])
+def test_eval_cache_is_never_stale(change):
+    conv = ScaledWSConv2d(6, 4, 3, gamma=1.3).eval() if change == "gain" else _eval_conv()
+    x = torch.randn(1, 6, 5, 5)
+    with torch.no_grad():
+        before = conv(x).clone()
+    if change == "optimizer":
+        conv.train()
+        opt = torch.optim.SGD(conv.parameters(), lr=0.5)
+        conv(x).square().sum().backward()
+        opt.step()
+        conv.eval()
+    elif change == "load_state_dict":
+        conv.load_state_dict({k: torch.randn_like(v) for k, v in conv.state_dict().items()})
+    elif change == "to_float64":
+        conv.double()
+        x = x.double()
+    elif change == "data_assignment":
+        conv.weight.data = torch.randn_like(conv.weight)
+    elif change == "eps":
+        conv.ws_eps = 10.0
+    else:
+        with torch.no_grad():
+            conv.gain.mul_(3.0)
+    with torch.no_grad():
+        after = conv(x)
+        assert not torch.allclose(after.to(before.dtype), before)
+        assert torch.equal(after, _fresh(conv, x))
+
+
+def test_no_cache_in_train_mode_or_when_grads_reach_the_weight():
+    conv, x = _eval_conv(), torch.randn(1, 6, 5, 5)
+    with torch.no_grad():
+        conv(x)
+    assert "_ws_cache" in conv.__dict__
+    conv.train()
+    assert "_ws_cache" not in conv.__dict__, "switching to train must free the cache"
+    conv(x)
+    assert "_ws_cache" not in conv.__dict__
+    conv.eval()
+    out = conv(x)  # eval with grad enabled and a trainable weight: gradient must reach it
+    assert "_ws_cache" not in conv.__dict__
+    out.sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    assert "_ws_cache" not in conv.state_dict() and set(conv.state_dict()) == {"weight", "bias"}
+
+
+def test_inference_mode_cache_is_not_saved_for_backward():
+    conv = _eval_conv().requires_grad_(False)
+    x = torch.randn(1, 6, 5, 5, requires_grad=True)
+    with torch.inference_mode():
+        conv(x.detach())
+    assert conv.__dict__["_ws_cache"][2].is_inference()
+    conv(x).sum().backward()  # frozen layer, grad wanted for the input: must not reuse the inference tensor
+    assert x.grad is not None
+    assert not conv.__dict__["_ws_cache"][2].is_inference()
+
+
+def test_cache_is_not_pickled_or_deep_copied():
+    import copy
+    import pickle
+
+    conv, x = _eval_conv(), torch.randn(1, 6, 5, 5)
+    with torch.no_grad():
+        conv(x)
+    for clone in (copy.deepcopy(conv), pickle.loads(pickle.dumps(conv))):
+        assert "_ws_cache" not in clone.__dict__
+        with torch.no_grad():
+            assert torch.equal(clone(x), conv(x))
+
+
+def test_cache_is_thread_safe():
+    import threading
+
+    torch.manual_seed(0)
+    net = nn.Sequential(*[WSConv2d(8, 8, 3, style=s) for s in ("timm", "qiao", "bcn", "timm")]).eval()
+    inputs = [torch.randn(1, 8, 6, 6) for _ in range(8)]
+    with torch.no_grad():
+        expected = [net[3]._conv_forward(net[2]._conv_forward(net[1]._conv_forward(net[0]._conv_forward(
+            x, net[0].standardized_weight(), None), net[1].standardized_weight(), None),
+            net[2].standardized_weight(), None), net[3].standardized_weight(), None) for x in inputs]
+    errors = []
+
+    def worker(k):
+        try:
+            for _ in range(20):
+                with torch.no_grad():
+                    for i, x in enumerate(inputs):
+                        if not torch.equal(net(x), expected[i]):
+                            errors.append((k, i))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

@@ -22,7 +22,7 @@ fp16/bf16 autocast (float64 weights in float64), and the result is returned in t
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,48 +30,102 @@ import torch.nn.functional as F
 __all__ = ["WS_STYLES", "SCALED_STYLES", "DEFAULT_EPS", "standardize_weight", "check_style", "fan_in_of"]
 
 
-def _timm(w2d: torch.Tensor, eps: float) -> torch.Tensor:
-    # batch_norm over a (1, out, fan_in) view: biased variance, eps inside the sqrt, one fused kernel.
-    return F.batch_norm(w2d.unsqueeze(0), None, None, training=True, momentum=0.0, eps=eps).squeeze(0)
+# Every style is y = (W - mean) * b(v) * scale per row, with v the biased variance over the fan-in n and
+# b a style-specific function of it. Each entry gives (b, db/dv) on the per-row (out, 1) statistics.
+def _timm_scale(v: torch.Tensor, n: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    b = torch.rsqrt(v + eps)  # timm StdConv2d: batch_norm's (v + eps)^-1/2
+    return b, -0.5 * b ** 3
 
 
-def _qiao(w2d: torch.Tensor, eps: float) -> torch.Tensor:
-    var, mean = torch.var_mean(w2d, dim=1, correction=1, keepdim=True)
-    # The clamp (at the dtype's smallest normal) only matters for a constant filter, where sqrt'(0) would
-    # turn the zero upstream gradient into NaN; the output there is 0 either way.
-    return (w2d - mean) / (var.clamp_min(torch.finfo(var.dtype).tiny).sqrt() + eps)
+def _qiao_scale(v: torch.Tensor, n: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    # 1 / (std_unbiased + eps). The variance is floored at the dtype's smallest normal before the sqrt, so
+    # a constant filter gets a finite gradient (the original code's sqrt'(0) gives NaN there).
+    tiny = torch.finfo(v.dtype).tiny
+    std = (v.clamp_min(tiny) * (n / (n - 1))).sqrt()
+    b = (std + eps).reciprocal()
+    return b, torch.where(v > tiny, -b.square() * (n / (n - 1)) / (2 * std), torch.zeros_like(b))
 
 
-def _bcn(w2d: torch.Tensor, eps: float) -> torch.Tensor:
-    # sqrt(var_u + eps) = sqrt(n/(n-1)) * sqrt(var_b + eps*(n-1)/n): the fused biased kernel, rescaled.
-    n = w2d.shape[1]
-    return _timm(w2d, eps * (n - 1) / n) * ((n - 1) / n) ** 0.5
+def _bcn_scale(v: torch.Tensor, n: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    b = torch.rsqrt(v * (n / (n - 1)) + eps)  # (var_unbiased + eps)^-1/2
+    return b, -0.5 * (n / (n - 1)) * b ** 3
 
 
-def _timm_scaled(w2d: torch.Tensor, eps: float, scale: torch.Tensor) -> torch.Tensor:
-    # timm's ScaledStdConv2d: the per-filter multiplier rides in batch_norm's affine weight.
+def _deepmind_scale(v: torch.Tensor, n: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    q = v * n  # Haiku's WSConv2D: rsqrt(max(var * fan_in, eps))
+    b = torch.rsqrt(q.clamp_min(eps))
+    return b, torch.where(q > eps, -0.5 * n * b ** 3, torch.zeros_like(b))
+
+
+_ROW_SCALES: Dict[str, Callable[[torch.Tensor, int, float], Tuple[torch.Tensor, torch.Tensor]]] = {
+    "timm": _timm_scale,
+    "qiao": _qiao_scale,
+    "bcn": _bcn_scale,
+    "timm_scaled": _timm_scale,  # times gain * gamma / sqrt(fan_in), applied as the per-row scale
+    "deepmind": _deepmind_scale,
+}
+# Styles whose b is exactly batch_norm's invstd: they run as F.batch_norm itself (bitwise timm's
+# StdConv2d / ScaledStdConv2d, forward and backward).
+_BATCH_NORM_EXACT = ("timm", "timm_scaled")
+
+
+def _batch_norm_rows(w2d: torch.Tensor, eps: float, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    # batch_norm over a (1, out, fan_in) view: biased variance, eps inside the sqrt, the per-row scale
+    # riding in the affine weight; one fused kernel each way.
     return F.batch_norm(w2d.unsqueeze(0), None, None, weight=scale, training=True, momentum=0.0, eps=eps).squeeze(0)
 
 
-def _deepmind(w2d: torch.Tensor, eps: float, scale: torch.Tensor) -> torch.Tensor:
-    # DeepMind's WSConv2D: W * s - mean * s with s = gain * rsqrt(max(var * fan_in, eps)).
-    var, mean = torch.var_mean(w2d, dim=1, correction=0, keepdim=True)
-    s = torch.rsqrt(torch.clamp(var * w2d.shape[1], min=eps)) * scale.unsqueeze(1)
-    return w2d * s - mean * s
+class _Standardize(torch.autograd.Function):
+    """``y = (W - mean) * b(v) * scale`` per row of a 2-D weight, with an analytic, fused backward, for
+    the styles batch_norm cannot express (eps outside the sqrt, unbiased variance, a clamp).
+
+    Why not plain autograd: on CPU the ``qiao`` standardization of a ResNet-50's 23.5M weights, forward
+    plus backward, costs ~340 ms through ``var_mean``/subtract/divide, against ~50 ms here. Forward: a
+    mean, one centred copy, a row norm, an in-place scale. Backward: exactly one batch_norm backward.
+    For ``y = c * a(v)`` (``c = W - mean``, ``a = b * scale``) the gradient is
+    ``a (g - mean(g)) + 2 a'(v) / n * sum(g c) * c``; batch_norm's backward with ``invstd = rho`` and
+    affine weight ``gamma`` gives ``gamma rho (g - mean(g)) - gamma rho^3 / n * sum(g c) * c``, so
+    ``rho = sqrt(-2 b' / b)`` and ``gamma = a / rho`` make the two equal (where b' = 0, a clamp, a tiny
+    rho gives the vanishing second term). Not twice differentiable: a double backward raises.
+    """
+
+    @staticmethod
+    def forward(ctx, w2d: torch.Tensor, scale: Optional[torch.Tensor], style: str, eps: float) -> torch.Tensor:  # type: ignore[override]
+        n = w2d.shape[1]
+        mean = w2d.mean(1, keepdim=True)
+        y = w2d - mean
+        v = torch.linalg.vector_norm(y, dim=1, keepdim=True).square_().div_(n)
+        b, db = _ROW_SCALES[style](v, n, eps)
+        a = b if scale is None else b * scale.unsqueeze(1)
+        y.mul_(a)
+        rho = torch.where(db < 0, (-2 * db / b).sqrt(), torch.full_like(b, _RHO_FLOOR))
+        ctx.save_for_backward(w2d, mean, rho, a / rho, b / rho)
+        ctx.scaled = scale is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        w2d, mean, rho, gamma, b_over_rho = ctx.saved_tensors
+        need_w, need_scale = ctx.needs_input_grad[0], ctx.scaled and ctx.needs_input_grad[1]
+        grad_w, sum_g_xhat, _ = torch.ops.aten.native_batch_norm_backward(
+            grad.contiguous().unsqueeze(0), w2d.unsqueeze(0), gamma.view(-1), None, None, mean.view(-1),
+            rho.view(-1), True, 0.0, [need_w, need_scale, False])
+        # d y / d scale = c * b, and sum(g * c * b) = sum(g * x_hat) * b / rho with x_hat = c * rho
+        grad_scale = sum_g_xhat * b_over_rho.view(-1) if need_scale else None
+        return (grad_w.squeeze(0) if need_w else None), grad_scale, None, None
 
 
-_STYLE_FNS: Dict[str, Callable[..., torch.Tensor]] = {
-    "timm": _timm,
-    "qiao": _qiao,
-    "bcn": _bcn,
-    "timm_scaled": _timm_scaled,
-    "deepmind": _deepmind,
-}
+# rho where b'(v) = 0 (a clamp is active): small enough that rho^2 * sum(g c) vanishes, large enough that
+# gamma = a / rho stays finite in float32 for any eps.
+_RHO_FLOOR = 1e-12
+
+
 #: Styles that take a per-filter ``gain`` and a constant ``gamma`` (Scaled WS).
 SCALED_STYLES = ("timm_scaled", "deepmind")
 
 #: The styles :func:`standardize_weight` understands.
-WS_STYLES = tuple(_STYLE_FNS)
+WS_STYLES = tuple(_ROW_SCALES)
 
 #: Each style's eps in its upstream layer (``timm``: the StdConv2d default; BiT overrides it to 1e-8).
 DEFAULT_EPS: Dict[str, float] = {"timm": 1e-6, "qiao": 1e-5, "bcn": 1e-5, "timm_scaled": 1e-5, "deepmind": 1e-4}
@@ -79,7 +133,7 @@ DEFAULT_EPS: Dict[str, float] = {"timm": 1e-6, "qiao": 1e-5, "bcn": 1e-5, "timm_
 
 def check_style(style: str) -> str:
     """Return ``style`` if known, else raise a ValueError listing the known styles."""
-    if style not in _STYLE_FNS:
+    if style not in _ROW_SCALES:
         raise ValueError(f"unknown weight-standardization style {style!r}; choose one of {', '.join(WS_STYLES)}")
     return style
 
@@ -123,19 +177,27 @@ def standardize_weight(
         raise ValueError(f"gain/gamma apply to the scaled styles {SCALED_STYLES}, not to {style!r}")
     if gain is not None and gain.numel() != weight.shape[0]:
         raise ValueError(f"gain must have one value per output filter ({weight.shape[0]}), got shape {tuple(gain.shape)}")
-    w2d = weight.reshape(weight.shape[0], fan_in)
+    # A channels-last conv weight is standardized in its memory order (the statistics don't care), so
+    # no copy is made and the result keeps the layout the conv wants.
+    channels_last = weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+    w2d = (weight.permute(0, 2, 3, 1) if channels_last else weight).reshape(weight.shape[0], fan_in)
     # Statistics in float32 (float64 stays float64) whatever the autocast state or parameter dtype;
     # the caller's conv then runs in the autocast dtype.
     w2d = w2d.to(torch.promote_types(w2d.dtype, torch.float32))
-    args = (w2d, eps)
+    scale = None
+    if scaled:
+        # one python-float constant, as timm computes it (gamma * fan_in^-0.5)
+        const = gamma * fan_in ** -0.5 if style == "timm_scaled" else gamma
+        scale = torch.full((weight.shape[0],), const, dtype=w2d.dtype, device=w2d.device) if gain is None \
+            else gain.reshape(-1).to(w2d.dtype) * const
     device_type = weight.device.type
     autocast_off = torch.amp.is_autocast_available(device_type)  # not on e.g. the meta device
     with torch.autocast(device_type=device_type, enabled=False) if autocast_off else contextlib.nullcontext():
-        if scaled:
-            # one python-float constant, as timm computes it (gamma * fan_in^-0.5), so results match bitwise
-            const = gamma * fan_in ** -0.5 if style == "timm_scaled" else gamma
-            scale = torch.full((weight.shape[0],), const, dtype=w2d.dtype, device=w2d.device) if gain is None \
-                else gain.reshape(-1).to(w2d.dtype) * const
-            args = (w2d, eps, scale)
-        out = _STYLE_FNS[style](*args)
-    return out.to(weight.dtype).reshape(weight.shape)
+        if style in _BATCH_NORM_EXACT:
+            out = _batch_norm_rows(w2d, eps, scale)
+        else:
+            out = _Standardize.apply(w2d.contiguous(), scale, style, eps)
+    out = out.to(weight.dtype)
+    if channels_last:
+        return out.reshape(weight.shape[0], weight.shape[2], weight.shape[3], weight.shape[1]).permute(0, 3, 1, 2)
+    return out.reshape(weight.shape)

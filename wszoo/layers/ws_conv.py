@@ -11,6 +11,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import Conv2dSame
 from timm.layers.padding import get_padding, get_padding_value, pad_same
 
 from .standardize import DEFAULT_EPS, SCALED_STYLES, check_style, fan_in_of, standardize_weight
@@ -21,9 +22,18 @@ _IntOr2 = Union[int, Tuple[int, int]]
 
 
 class _WSMixin:
-    """Holds the style/eps pair and the one ``standardized_weight`` every WS layer exposes."""
+    """Holds the style/eps pair, the one ``standardized_weight`` every WS layer exposes, and the choice of
+    which standardized weight a forward uses (:meth:`_forward_weight`):
+
+    - inside :func:`wszoo.accumulate_ws`, the one computed when the context was entered;
+    - in eval mode when no gradient reaches the WS parameters, a cached one, reused until any of
+      :meth:`_ws_inputs` changes (data pointer, version counter, dtype, device; the version counter moves
+      on every in-place edit, optimizer step and ``load_state_dict``), so it is never stale;
+    - otherwise (training) a fresh one, and no cache is kept.
+    """
 
     weight: torch.Tensor
+    training: bool
 
     def _init_ws(self, style: str, eps: Optional[float]) -> None:
         self.ws_style = check_style(style)
@@ -37,8 +47,67 @@ class _WSMixin:
             )
 
     def standardized_weight(self) -> torch.Tensor:
-        """The effective weight this layer convolves (or multiplies) with."""
+        """The effective weight this layer convolves (or multiplies) with, computed now."""
         return standardize_weight(self.weight, self.ws_style, self.ws_eps)
+
+    def _ws_inputs(self) -> Tuple[torch.Tensor, ...]:
+        """The tensors :meth:`standardized_weight` depends on."""
+        return (self.weight,)
+
+    def _ws_settings(self) -> Tuple:
+        """The non-tensor settings :meth:`standardized_weight` depends on (part of the cache key)."""
+        return (self.ws_style, self.ws_eps)
+
+    def _forward_weight(self) -> torch.Tensor:
+        accumulated = self.__dict__.get("_ws_accumulated")
+        if accumulated is not None:
+            return accumulated
+        inputs = self._ws_inputs()
+        grad_needed = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+        if self.training or grad_needed or torch.compiler.is_compiling():
+            return self.standardized_weight()
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in inputs) + self._ws_settings()
+        cached = self.__dict__.get("_ws_cache")  # one read: another thread may swap it meanwhile
+        # An inference tensor (made under inference_mode) must not be saved for backward: reuse it only
+        # while autograd is off.
+        if cached is not None and cached[0] == key and not (torch.is_grad_enabled() and cached[2].is_inference()):
+            return cached[2]
+        with torch.no_grad():
+            weight = self.standardized_weight()
+        # The detached inputs keep the old storages alive, so a freed address cannot be reused by a new
+        # tensor and pass for the old one.
+        self.__dict__["_ws_cache"] = (key, tuple(t.detach() for t in inputs), weight)
+        return weight
+
+    def folded(self) -> nn.Module:
+        """A plain ``torch.nn`` layer computing the same function with the standardized weight baked in
+        (for deployment: scriptable, exportable, no per-call standardization). See :func:`wszoo.fold_ws`."""
+        raise NotImplementedError(f"{type(self).__name__} does not define folded()")
+
+    def _folded_params_into(self, plain: nn.Module) -> nn.Module:
+        with torch.no_grad():
+            weight = self.standardized_weight()
+        plain.weight = nn.Parameter(weight.detach().clone(), requires_grad=self.weight.requires_grad)
+        bias = getattr(self, "bias", None)
+        plain.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        return plain.train(self.training)
+
+    def clear_ws_cache(self) -> None:
+        """Drop the cached eval-mode weight (it is also dropped by ``.train()`` and ``.to()``)."""
+        self.__dict__.pop("_ws_cache", None)
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.clear_ws_cache()
+        return super().train(mode)  # type: ignore[misc]
+
+    def _apply(self, fn, *args, **kwargs):
+        self.clear_ws_cache()
+        return super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
+
+    def __getstate__(self):
+        state = super().__getstate__()  # type: ignore[misc]
+        return {k: v for k, v in state.items() if k not in ("_ws_cache", "_ws_accumulated")}
 
     def _ws_repr(self) -> str:
         return f", ws_style={self.ws_style}, ws_eps={self.ws_eps:g}"
@@ -76,7 +145,13 @@ class WSConv2d(_WSMixin, nn.Conv2d):
         self._init_ws(style, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.standardized_weight(), self.bias)
+        return self._conv_forward(x, self._forward_weight(), self.bias)
+
+    def folded(self) -> nn.Module:
+        plain = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                          padding=self.padding, dilation=self.dilation, groups=self.groups, bias=False,
+                          padding_mode=self.padding_mode, device="meta")
+        return self._folded_params_into(plain)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._ws_repr()
@@ -98,7 +173,14 @@ class _TFSamePadding:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic_same_pad:
             x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-        return self._conv_forward(x, self.standardized_weight(), self.bias)
+        return self._conv_forward(x, self._forward_weight(), self.bias)
+
+    def folded(self) -> nn.Module:
+        if not self.dynamic_same_pad:
+            return super().folded()  # type: ignore[misc]  (the padding is static: a plain nn.Conv2d)
+        plain = Conv2dSame(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                           dilation=self.dilation, groups=self.groups, bias=False, device="meta")
+        return self._folded_params_into(plain)  # type: ignore[attr-defined]
 
 
 class WSConv2dSame(_TFSamePadding, WSConv2d):
@@ -125,7 +207,11 @@ class WSLinear(_WSMixin, nn.Linear):
         self._init_ws(style, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.standardized_weight(), self.bias)
+        return F.linear(x, self._forward_weight(), self.bias)
+
+    def folded(self) -> nn.Module:
+        plain = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        return self._folded_params_into(plain)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._ws_repr()
@@ -175,6 +261,12 @@ class ScaledWSConv2d(WSConv2d):
 
     def standardized_weight(self) -> torch.Tensor:
         return standardize_weight(self.weight, self.ws_style, self.ws_eps, gain=self.gain, gamma=self.gamma)
+
+    def _ws_inputs(self) -> Tuple[torch.Tensor, ...]:
+        return (self.weight, self.gain)
+
+    def _ws_settings(self) -> Tuple:
+        return (self.ws_style, self.ws_eps, self.gamma)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", gamma={self.gamma:g}"

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["stage_strides_and_dilations", "run_blocks", "init_conv_and_norm", "check_output_stride",
+__all__ = ["stage_strides_and_dilations", "checkpoint_blocks", "init_conv_and_norm", "check_output_stride",
            "ClassifierHeadApi", "freeze_stages"]
 
 
@@ -36,11 +36,13 @@ def stage_strides_and_dilations(
     return out
 
 
-def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
-    """Apply ``blocks`` in order, recomputing each block's activations in backward when checkpointing."""
-    use_ckpt = grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
+def checkpoint_blocks(blocks: Iterable[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Apply ``blocks`` in order, recomputing each block's activations in backward (gradient checkpointing).
+
+    Models call it as ``if self.grad_checkpointing and torch.is_grad_enabled() and not
+    torch.jit.is_scripting()``, so TorchScript never compiles it."""
     for block in blocks:
-        x = checkpoint(block, x, use_reentrant=False) if use_ckpt else block(x)
+        x = checkpoint(block, x, use_reentrant=False)
     return x
 
 
@@ -67,8 +69,6 @@ def init_conv_and_norm(model: nn.Module, classifier_std: float = 0.01) -> None:
 class ClassifierHeadApi:
     """timm's classifier API for models whose head is a ``timm.layers.ClassifierHead`` at ``self.head``."""
 
-    head: nn.Module
-    num_classes: int
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

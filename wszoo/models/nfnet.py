@@ -30,7 +30,7 @@ from timm.layers import AvgPool2dSame, ClassifierHead, DropPath, make_divisible
 from ..layers import NONLIN_GAMMA, GammaAct, ScaledWSConv2d, ScaledWSConv2dSame, create_act
 from ..layers.attention import create_attn
 from ..registry import register_model
-from ._helpers import ClassifierHeadApi, check_output_stride, run_blocks
+from ._helpers import ClassifierHeadApi, check_output_stride, checkpoint_blocks
 
 __all__ = ["NFNetConfig", "NormFreeNet", "NormFreeBlock"]
 
@@ -277,8 +277,11 @@ class NormFreeNet(ClassifierHeadApi, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
-        for stage in self.stages:
-            x = run_blocks(stage, x, self.grad_checkpointing)
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            for stage in self.stages:
+                x = checkpoint_blocks(stage, x)
+        else:
+            x = self.stages(x)
         return self.final_act(self.final_conv(x))
 
 

@@ -18,7 +18,7 @@ from timm.layers import DropPath, SelectAdaptivePool2d
 
 from ..layers import WSConv2d
 from ..registry import register_model
-from ._helpers import init_conv_and_norm, run_blocks, stage_strides_and_dilations
+from ._helpers import init_conv_and_norm, checkpoint_blocks, stage_strides_and_dilations
 
 __all__ = ["GNWSResNet", "Bottleneck"]
 
@@ -177,8 +177,11 @@ class GNWSResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = run_blocks(stage, x, self.grad_checkpointing)
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+                x = checkpoint_blocks(stage, x)
+        else:
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

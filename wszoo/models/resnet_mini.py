@@ -19,7 +19,7 @@ from timm.layers import ClassifierHead
 
 from ..layers import WSConv2d
 from ..registry import register_model
-from ._helpers import ClassifierHeadApi, init_conv_and_norm, run_blocks
+from ._helpers import ClassifierHeadApi, init_conv_and_norm, checkpoint_blocks
 
 __all__ = ["MiniResNet", "make_norm"]
 
@@ -105,8 +105,11 @@ class MiniResNet(ClassifierHeadApi, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
-        for stage in self.stages:
-            x = run_blocks(stage, x, self.grad_checkpointing)
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            for stage in self.stages:
+                x = checkpoint_blocks(stage, x)
+        else:
+            x = self.stages(x)
         return x
 
 

@@ -18,7 +18,7 @@ from timm.layers import ClassifierHead, DropPath
 
 from ..layers import GroupNormAct, WSConv2d
 from ..registry import register_model
-from ._helpers import ClassifierHeadApi, init_conv_and_norm, run_blocks, stage_strides_and_dilations
+from ._helpers import ClassifierHeadApi, init_conv_and_norm, checkpoint_blocks, stage_strides_and_dilations
 
 __all__ = ["ResNetV2", "PreActBottleneck"]
 
@@ -87,7 +87,9 @@ class ResNetStage(nn.Module):
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_blocks(self.blocks, x, self.grad_checkpointing)
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint_blocks(self.blocks, x)
+        return self.blocks(x)
 
 
 class ResNetV2(ClassifierHeadApi, nn.Module):
