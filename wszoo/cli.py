@@ -229,6 +229,27 @@ def _cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import format_report, run_benchmarks, write_report
+
+    for name, value in (("--img-size", args.img_size), ("--eval-batch", args.eval_batch),
+                        ("--train-batch", args.train_batch), ("--accum-steps", args.accum_steps),
+                        ("--repeats", args.repeats), ("--eval-repeats", args.eval_repeats)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    report = run_benchmarks(
+        args.models, tune_allocator=not args.no_tune_allocator, threads=args.threads, img_size=args.img_size,
+        eval_batch=args.eval_batch, train_batch=args.train_batch, accum_steps=args.accum_steps,
+        repeats=args.repeats, eval_repeats=args.eval_repeats, warmup=args.warmup, compare_timm=not args.no_timm,
+        channels_last=not args.no_channels_last, device=args.device,
+    )
+    print(format_report(report))
+    if args.output:
+        write_report(report, args.output)
+        print(f"full results in {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wszoo", description="Weight Standardization model zoo")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -272,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("-b", "--batch-size", type=int, default=32, help="micro-batch size per process")
     p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--no-accumulate-ws", action="store_true",
+                   help="standardize the WS weights in every micro-batch instead of once per optimizer step")
+    p.add_argument("--no-tune-allocator", action="store_true",
+                   help="on CPU, leave glibc's malloc thresholds alone (see wszoo.tune_cpu_allocator)")
     p.add_argument("--opt", choices=["sgd", "adamw"], default="sgd")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--min-lr", type=float, default=0.0)
@@ -307,6 +332,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="directory for microbatch.json/.md and microbatch_loss.png")
     p.set_defaults(func=_cmd_study)
+
+    from .bench import DEFAULT_MODELS
+
+    p = sub.add_parser("bench", help="what WS costs, as ratios: eval (cached vs folded vs timm), train step, "
+                                     "micro-batch accumulation, memory")
+    p.add_argument("models", nargs="*", default=list(DEFAULT_MODELS), help=f"default: {' '.join(DEFAULT_MODELS)}")
+    p.add_argument("--img-size", type=int, default=None, help="default: each model's cfg input size")
+    p.add_argument("--eval-batch", type=int, default=8, help="the larger eval batch (batch 1 is always timed)")
+    p.add_argument("--train-batch", type=int, default=8)
+    p.add_argument("--accum-steps", type=int, default=8, help="micro-batches of one image per optimizer step")
+    p.add_argument("--repeats", type=int, default=5, help="timed training steps per variant (best of)")
+    p.add_argument("--eval-repeats", type=int, default=20, help="timed batch-1 eval calls per variant (best of)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-timm", action="store_true", help="skip timm's models")
+    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--no-tune-allocator", action="store_true", help="leave glibc's malloc thresholds at their defaults")
+    p.add_argument("-o", "--output", default=None, help="write the full results as JSON here")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("convert", help="convert an original checkpoint to a safetensors state dict")
     p.add_argument("src", help="the original file, e.g. F0_haiku.npz or R-50-GN-WS.pth.tar")

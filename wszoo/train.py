@@ -1,7 +1,8 @@
 """Fine-tuning (``wszoo finetune``): any registered model, pretrained or from a checkpoint, on an
 ImageFolder tree or Fashion-MNIST, with micro-batches + gradient accumulation, SGD/AdamW with
 warmup + cosine, frozen stages, AGC for NF models, bf16 autocast, EMA, safetensors checkpoints
-and resume. Runs under ``torchrun`` with DDP: GN/WS/NF models have no batch statistics, so nothing
+and resume. With ``--accum-steps`` > 1 the micro-batches of one optimizer step share one
+standardization of each WS weight (:func:`wszoo.accumulate_ws`). Runs under ``torchrun`` with DDP: GN/WS/NF models have no batch statistics, so nothing
 needs SyncBatchNorm and per-device batches of 1-2 images train exactly like one large batch.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import math
 import random
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -32,6 +33,7 @@ from .evaluate import autocast_context, evaluate, init_distributed, is_main_proc
 from .hub import save_pretrained
 from .models._helpers import freeze_stages
 from .optim import adaptive_clip_grad, agc_parameters
+from .speed import accumulate_ws, tune_cpu_allocator, ws_layers
 
 __all__ = ["finetune", "data_config_for", "build_transforms"]
 
@@ -145,6 +147,30 @@ def _datasets(args: argparse.Namespace, in_chans: int, train_tf, eval_tf):
     return train, val
 
 
+def _all_reduce_gradients(model: nn.Module, world: int) -> None:
+    """Average the parameters' gradients over the processes (one flat all-reduce)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world
+    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced)
+
+
+def _optimizer_step(args: argparse.Namespace, clip_params, optimizer, scheduler, ema, model: nn.Module) -> None:
+    if args.clip_mode == "agc":
+        adaptive_clip_grad(clip_params, args.clip_grad)
+    elif args.clip_mode == "norm":
+        torch.nn.utils.clip_grad_norm_(clip_params, args.clip_grad)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update(model)
+
+
 def finetune(args: argparse.Namespace) -> Dict[str, Any]:
     """Run ``wszoo finetune``; returns the final metrics (rank 0's view)."""
     rank, world, device = init_distributed()
@@ -193,6 +219,9 @@ def finetune(args: argparse.Namespace) -> Dict[str, Any]:
 
         load_checkpoint(model, str(weights))
         start_epoch, best = _load_train_state(src, optimizer, scheduler, ema)
+    use_accumulate_ws = args.accum_steps > 1 and not args.no_accumulate_ws and bool(ws_layers(model))
+    if device.type == "cpu" and not args.no_tune_allocator:
+        tune_cpu_allocator()
     clip_params = agc_parameters(model) if args.clip_mode == "agc" else [p for p in model.parameters() if p.requires_grad]
     main = is_main_process()
     if main:
@@ -208,29 +237,34 @@ def finetune(args: argparse.Namespace) -> Dict[str, Any]:
         train_model.train()
         start, loss_sum, seen = time.perf_counter(), 0.0, 0
         optimizer.zero_grad(set_to_none=True)
-        for i, (images, targets) in enumerate(loader):
-            images, targets = images.to(device), targets.to(device)
-            last_micro = (i + 1) % args.accum_steps == 0 or i + 1 == len(loader)
-            sync = train_model.no_sync() if world > 1 and not last_micro else nullcontext()
-            with sync, autocast_context(args.amp, device):
-                loss = F.cross_entropy(train_model(images), targets)
-            with sync:
-                (loss / args.accum_steps).backward()
-            loss_sum += loss.item() * len(targets)
-            seen += len(targets)
-            if last_micro:
-                if args.clip_mode == "agc":
-                    adaptive_clip_grad(clip_params, args.clip_grad)
-                elif args.clip_mode == "norm":
-                    torch.nn.utils.clip_grad_norm_(clip_params, args.clip_grad)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(model)
-            if main and args.log_interval and (i + 1) % args.log_interval == 0:
-                _logger.info("epoch %d  batch %d/%d  loss %.4f  lr %.5f", epoch, i + 1, len(loader),
-                             loss_sum / max(seen, 1), optimizer.param_groups[0]["lr"])
+        accumulating = ExitStack()
+        try:
+            for i, (images, targets) in enumerate(loader):
+                images, targets = images.to(device), targets.to(device)
+                last_micro = (i + 1) % args.accum_steps == 0 or i + 1 == len(loader)
+                if use_accumulate_ws and i % args.accum_steps == 0:
+                    accumulating.enter_context(accumulate_ws(model))
+                # Under accumulate_ws the parameters' gradients only appear on exit, where DDP's hooks don't
+                # look: every micro-batch then runs in no_sync and the gradients are all-reduced by hand.
+                skip_sync = world > 1 and (use_accumulate_ws or not last_micro)
+                sync = train_model.no_sync() if skip_sync else nullcontext()
+                with sync, autocast_context(args.amp, device):
+                    loss = F.cross_entropy(train_model(images), targets)
+                with sync:
+                    (loss / args.accum_steps).backward()
+                loss_sum += loss.item() * len(targets)
+                seen += len(targets)
+                if last_micro:
+                    accumulating.close()  # back-propagates once through each standardization
+                    if world > 1 and use_accumulate_ws:
+                        _all_reduce_gradients(model, world)
+                    _optimizer_step(args, clip_params, optimizer, scheduler, ema, model)
+                if main and args.log_interval and (i + 1) % args.log_interval == 0:
+                    _logger.info("epoch %d  batch %d/%d  loss %.4f  lr %.5f", epoch, i + 1, len(loader),
+                                 loss_sum / max(seen, 1), optimizer.param_groups[0]["lr"])
+        except BaseException as e:
+            accumulating.__exit__(type(e), e, e.__traceback__)  # no half-accumulated gradient is applied
+            raise
         train_loss = torch.tensor([loss_sum, seen], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(train_loss)

@@ -1,0 +1,279 @@
+"""``wszoo bench``: what weight standardization costs, as ratios measured in one run.
+
+Every figure is a ratio between variants timed *interleaved* in the same process (round-robin), each
+variant's time being its best of the repeats (other tenants of a shared machine only ever add time;
+the medians are in the JSON too), so drift moves numerator and denominator together:
+
+- eval latency at batch 1 and batch N: the WS model (eval-mode cached weights), its :func:`fold_ws`
+  copy, and timm's model of the same name when timm has one (timm recomputes the standardization on
+  every call);
+- a training step (forward, backward, SGD step) at batch B: the WS model against its plain-conv copy
+  (the folded copy, trained as plain convs), contiguous and channels-last;
+- one optimizer step over K micro-batches of one image: plain convs, WS, WS inside
+  :func:`wszoo.accumulate_ws`;
+- the standardization of all WS weights alone, forward + backward (milliseconds);
+- memory: bytes autograd saves for backward in one training step (WS vs plain), bytes the eval cache
+  holds, and on CUDA the peak allocated memory of each training step.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import platform
+import statistics
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import registry
+from .speed import accumulate_ws, fold_ws, tune_cpu_allocator, ws_layers
+
+__all__ = ["benchmark_model", "run_benchmarks", "format_report", "write_report", "DEFAULT_MODELS"]
+
+#: The models the speed issue's targets are stated for.
+DEFAULT_MODELS = ("resnetv2_50x1_bit", "nf_resnet50", "resnet50_gn_ws")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _interleaved(fns: Dict[str, Callable[[], Any]], repeats: int, warmup: int, device: torch.device,
+                 medians: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+    """Best-of-``repeats`` seconds per call of each fn, timing them round-robin so drift hits all alike;
+    ``medians`` (if given) receives the medians."""
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    if medians is not None:
+        medians.update({k: statistics.median(v) for k, v in times.items()})
+    return {k: min(v) for k, v in times.items()}
+
+
+def _entry(best: Dict[str, float], medians: Dict[str, float], digits: int = 1) -> Dict[str, float]:
+    entry = {f"{k}_ms": round(v * 1e3, digits) for k, v in best.items()}
+    entry.update({f"{k}_median_ms": round(v * 1e3, digits) for k, v in medians.items()})
+    return entry
+
+
+def _saved_bytes(step: Callable[[], Any]) -> int:
+    """Bytes of the tensors autograd saves for backward while ``step`` runs (distinct storages)."""
+    seen: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values())
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, targets: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), targets).backward()
+        optimizer.step()
+    return step
+
+
+def _accum_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, targets: torch.Tensor,
+                use_accumulate_ws: bool) -> Callable[[], None]:
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with accumulate_ws(model) if use_accumulate_ws else contextlib.nullcontext():
+            for i in range(len(images)):
+                (F.cross_entropy(model(images[i:i + 1]), targets[i:i + 1]) / len(images)).backward()
+        optimizer.step()
+    return step
+
+
+def _cuda_peak(device: torch.device, fn: Callable[[], Any]) -> Optional[int]:
+    if device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    return int(torch.cuda.max_memory_allocated(device))
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 3)
+
+
+def benchmark_model(
+    name: str,
+    img_size: Optional[int] = None,
+    eval_batch: int = 8,
+    train_batch: int = 8,
+    accum_steps: int = 8,
+    repeats: int = 5,
+    eval_repeats: int = 20,
+    warmup: int = 2,
+    compare_timm: bool = True,
+    channels_last: bool = True,
+    device: str = "cpu",
+    seed: int = 0,
+) -> Dict[str, Any]:
+    """Measure one architecture (random weights: speed does not depend on their values); see the
+    module docstring for what is measured. Returns a JSON-ready dict whose ``ratios`` are the headline."""
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    model = registry.create_model(name).to(dev)
+    size = img_size or model.pretrained_cfg["input_size"][-1]
+    chans = model.in_chans
+    classes = model.num_classes
+    plain = fold_ws(model)  # plain convs holding the standardized weights: a healthy plain-conv net
+    n_ws = len(ws_layers(model))
+    result: Dict[str, Any] = {"model": name, "img_size": size, "ws_layers": n_ws,
+                              "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
+    ratios: Dict[str, float] = {}
+
+    # --- eval ------------------------------------------------------------------------------------
+    timm_model = None
+    if compare_timm:
+        import timm
+
+        if timm.is_model(name):
+            timm_model = timm.create_model(name, pretrained=False).to(dev).eval()
+    model.eval()
+    plain.eval()
+    result["eval"] = {}
+    for batch in sorted({1, eval_batch}):
+        x = torch.randn(batch, chans, size, size, device=dev)
+        fns = {"ws": lambda: model(x), "folded": lambda: plain(x)}
+        if timm_model is not None:
+            fns["timm"] = lambda: timm_model(x)
+        med: Dict[str, float] = {}
+        with torch.inference_mode():
+            t = _interleaved(fns, eval_repeats if batch == 1 else max(repeats, 5), warmup, dev, med)
+        entry = _entry(t, med, 2)
+        entry["ws_vs_folded"] = ratios[f"eval_b{batch}_ws_vs_folded"] = _ratio(t["ws"], t["folded"])
+        if "timm" in t:
+            entry["timm_vs_folded"] = ratios[f"eval_b{batch}_timm_vs_folded"] = _ratio(t["timm"], t["folded"])
+        result["eval"][f"batch{batch}"] = entry
+    cache_bytes = 0
+    for _, layer in ws_layers(model):
+        cached = layer.__dict__.get("_ws_cache")
+        cache_bytes += cached[2].numel() * cached[2].element_size() if cached is not None else 0
+    timm_model = None  # free it before the training runs
+
+    # --- training step ---------------------------------------------------------------------------
+    model.train()
+    plain.train()
+    opt_ws = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=1e-4, momentum=0.9)
+    x = torch.randn(train_batch, chans, size, size, device=dev)
+    y = torch.randint(0, classes, (train_batch,), device=dev)
+    fns = {"ws": _train_step(model, opt_ws, x, y), "plain": _train_step(plain, opt_plain, x, y)}
+    if channels_last:
+        model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        plain_cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        fns["ws_cl"] = _train_step(model_cl, torch.optim.SGD(model_cl.parameters(), lr=1e-4, momentum=0.9), x_cl, y)
+        fns["plain_cl"] = _train_step(plain_cl, torch.optim.SGD(plain_cl.parameters(), lr=1e-4, momentum=0.9), x_cl, y)
+    med = {}
+    t = _interleaved(fns, repeats, warmup, dev, med)
+    entry = _entry(t, med)
+    entry["ws_vs_plain"] = ratios[f"train_b{train_batch}_ws_vs_plain"] = _ratio(t["ws"], t["plain"])
+    if channels_last:
+        entry["ws_cl_vs_plain_cl"] = ratios[f"train_b{train_batch}_channels_last_ws_vs_plain"] = _ratio(t["ws_cl"], t["plain_cl"])
+        entry["ws_cl_vs_ws"] = ratios[f"train_b{train_batch}_ws_channels_last_vs_contiguous"] = _ratio(t["ws_cl"], t["ws"])
+        fns.pop("ws_cl")
+        fns.pop("plain_cl")
+    result["train"] = entry
+    memory = {
+        "train_saved_for_backward_mb_ws": round(_saved_bytes(fns["ws"]) / 2**20, 1),
+        "train_saved_for_backward_mb_plain": round(_saved_bytes(fns["plain"]) / 2**20, 1),
+        "eval_cache_mb": round(cache_bytes / 2**20, 1),
+        "params_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1),
+    }
+    peak_ws, peak_plain = _cuda_peak(dev, fns["ws"]), _cuda_peak(dev, fns["plain"])
+    if peak_ws is not None and peak_plain is not None:
+        memory["train_cuda_peak_mb_ws"] = round(peak_ws / 2**20, 1)
+        memory["train_cuda_peak_mb_plain"] = round(peak_plain / 2**20, 1)
+        ratios["train_cuda_peak_ws_vs_plain"] = _ratio(peak_ws, peak_plain)
+
+    # --- the standardization alone: every WS layer, forward + backward ---------------------------
+    layers = [layer for _, layer in ws_layers(model)]
+
+    def standardize_all() -> None:
+        weights = [layer.standardized_weight() for layer in layers]
+        torch.autograd.backward(weights, [torch.ones_like(w) for w in weights])
+        model.zero_grad(set_to_none=True)
+
+    t = _interleaved({"standardize": standardize_all}, repeats, warmup, dev)
+    result["standardize_fwd_bwd_ms"] = round(t["standardize"] * 1e3, 1)
+
+    # --- micro-batches of one image --------------------------------------------------------------
+    xs = torch.randn(accum_steps, chans, size, size, device=dev)
+    ys = torch.randint(0, classes, (accum_steps,), device=dev)
+    fns = {
+        "plain": _accum_step(plain, opt_plain, xs, ys, False),
+        "ws": _accum_step(model, opt_ws, xs, ys, False),
+        "ws_accumulate": _accum_step(model, opt_ws, xs, ys, True),
+    }
+    med = {}
+    t = _interleaved(fns, repeats, warmup, dev, med)
+    entry = _entry(t, med)
+    entry["ws_vs_plain"] = ratios[f"accum{accum_steps}x1_ws_vs_plain"] = _ratio(t["ws"], t["plain"])
+    entry["ws_accumulate_vs_plain"] = ratios[f"accum{accum_steps}x1_ws_accumulate_vs_plain"] = _ratio(t["ws_accumulate"], t["plain"])
+    result["accumulate"] = entry
+    result["memory"] = memory
+    result["ratios"] = ratios
+    return result
+
+
+def run_benchmarks(models: Sequence[str] = DEFAULT_MODELS, tune_allocator: bool = True, threads: Optional[int] = None,
+                   **kwargs: Any) -> Dict[str, Any]:
+    """Benchmark each of ``models`` (kwargs as :func:`benchmark_model`) and describe the machine."""
+    for name in models:
+        registry.get_pretrained_cfg(name.split(".")[0])  # fail fast on an unknown name, before any timing
+    if threads:
+        torch.set_num_threads(threads)
+    tuned = tune_cpu_allocator() if tune_allocator else False
+    report: Dict[str, Any] = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "device": kwargs.get("device", "cpu"), "allocator_tuned": tuned},
+        "results": [],
+    }
+    if str(kwargs.get("device", "cpu")).startswith("cuda"):
+        report["machine"]["gpu"] = torch.cuda.get_device_name()
+    for name in models:
+        report["results"].append(benchmark_model(name, **kwargs))
+    return report
+
+
+def format_report(report: Dict[str, Any]) -> str:
+    """The headline ratios as a Markdown table (one column per model)."""
+    results = report["results"]
+    keys: List[str] = []
+    for r in results:
+        keys += [k for k in r["ratios"] if k not in keys]
+    lines = ["| ratio | " + " | ".join(r["model"] for r in results) + " |",
+             "|---|" + "---:|" * len(results)]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(f"{r['ratios'][k]:.3f}x" if k in r["ratios"] else "-" for r in results) + " |")
+    m = report["machine"]
+    lines.append("")
+    lines.append(f"{m['processor']}, {m['threads']} threads, torch {m['torch']}, device {m['device']}"
+                 f"{', ' + m['gpu'] if 'gpu' in m else ''}, allocator tuned: {m['allocator_tuned']}")
+    return "\n".join(lines)
+
+
+def write_report(report: Dict[str, Any], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")

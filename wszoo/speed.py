@@ -1,0 +1,114 @@
+"""Making WS cost nothing at inference and little in training.
+
+- :func:`fold_ws`: bake the standardized weights into plain ``nn.Conv2d`` / ``nn.Linear`` layers for
+  deployment (``torch.jit.script``, ``torch.export``, ONNX).
+- Eval-mode caching needs nothing from the user: a WS layer in eval mode with no gradient reaching its
+  weight reuses its standardized weight until the weight changes (see :class:`wszoo.layers.WSConv2d`).
+- :func:`accumulate_ws`: standardize once per optimizer step instead of once per micro-batch.
+- :func:`tune_cpu_allocator`: keep glibc from handing large freed blocks back to the OS every step.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import ctypes.util
+import logging
+from typing import Iterator, List, Tuple
+
+import torch
+import torch.nn as nn
+
+from .layers.ws_conv import is_ws_layer
+
+__all__ = ["fold_ws", "accumulate_ws", "ws_layers", "tune_cpu_allocator"]
+
+_logger = logging.getLogger(__name__)
+
+
+def ws_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """``(name, layer)`` for every weight-standardized layer in ``model`` (``''`` for the model itself)."""
+    return [(name, m) for name, m in model.named_modules() if is_ws_layer(m)]
+
+
+def fold_ws(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Return ``model`` with every WS layer replaced by the plain layer its :meth:`folded` gives: an
+    ``nn.Conv2d`` / ``nn.Linear`` (timm's ``Conv2dSame`` for dynamic TF 'SAME' padding) carrying the
+    standardized and, for Scaled WS, gain-scaled weight. Outputs agree to float rounding; training the
+    folded copy no longer standardizes (it is a deployment form). ``inplace=False`` leaves ``model`` as is.
+    """
+    if is_ws_layer(model):
+        return model.folded()  # type: ignore[operator]
+    target = model if inplace else copy.deepcopy(model)
+    for name, layer in ws_layers(target):
+        parent_name, _, child_name = name.rpartition(".")
+        parent = target.get_submodule(parent_name) if parent_name else target
+        setattr(parent, child_name, layer.folded())  # type: ignore[operator]
+    return target
+
+
+@contextlib.contextmanager
+def accumulate_ws(model: nn.Module) -> Iterator[nn.Module]:
+    """Standardize each WS weight once for all the micro-batches of one optimizer step.
+
+    On entry every WS layer computes its standardized weight (with autograd) and forwards with a
+    detached copy of it; each micro-batch's ``backward()`` accumulates into that copy's ``.grad``. On a
+    normal exit the accumulated gradient is back-propagated through the standardization once, adding to
+    the parameters' ``.grad`` exactly what the micro-batch backwards would have (up to float rounding).
+    The weights must not change inside the block (step the optimizer after it). On an exception nothing
+    is back-propagated. Under DDP, run the micro-batches in ``no_sync()`` and all-reduce the gradients
+    after the block (the parameters' gradients only appear on exit)::
+
+        with wszoo.accumulate_ws(model):
+            for images, targets in micro_batches:
+                (loss_fn(model(images), targets) / len(micro_batches)).backward()
+        optimizer.step()
+    """
+    layers = [layer for _, layer in ws_layers(model)]
+    if any("_ws_accumulated" in layer.__dict__ for layer in layers):
+        raise RuntimeError("accumulate_ws: this model is already inside an accumulate_ws block")
+    if not torch.is_grad_enabled():
+        raise RuntimeError("accumulate_ws: gradients are disabled here (torch.no_grad?); nothing would accumulate")
+    pairs = []
+    try:
+        for layer in layers:
+            weight = layer.standardized_weight()  # type: ignore[operator]
+            stand_in = weight.detach().requires_grad_(weight.requires_grad)
+            layer.__dict__["_ws_accumulated"] = stand_in
+            pairs.append((weight, stand_in))
+        yield model
+        outputs = [w for w, s in pairs if s.grad is not None]
+        grads = [s.grad for w, s in pairs if s.grad is not None]
+        if outputs:
+            torch.autograd.backward(outputs, grads)
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("_ws_accumulated", None)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_cpu_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 2**31 - 1) -> bool:
+    """Make glibc keep large freed blocks for reuse instead of returning them to the OS.
+
+    By default glibc ``mmap``s every block above a (dynamic) threshold and unmaps it on free, so a
+    training step that allocates ~100 MB of standardized weights and their gradients page-faults all of
+    it in again every step (tens of ms per 100 MB on a small CPU). This sets ``M_MMAP_THRESHOLD`` (at most
+    32 MiB on 64-bit glibc) and ``M_TRIM_THRESHOLD`` for the whole process, like the environment variables
+    ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647``. Plain-conv nets gain too.
+    Returns False (and changes nothing) where the C library is not glibc.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        _logger.info("tune_cpu_allocator: no glibc mallopt here; allocator left as is")
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, min(int(mmap_threshold), 32 << 20)))
+    ok = bool(mallopt(_M_TRIM_THRESHOLD, min(int(trim_threshold), 2**31 - 1))) and ok
+    _logger.info("tune_cpu_allocator: M_MMAP_THRESHOLD %d, M_TRIM_THRESHOLD %d (%s)", mmap_threshold, trim_threshold,
+                 "set" if ok else "refused")
+    return ok
