@@ -27,8 +27,10 @@ class _WSMixin:
 
     - inside :func:`wszoo.accumulate_ws`, the one computed when the context was entered;
     - in eval mode when no gradient reaches the WS parameters, a cached one, reused until any of
-      :meth:`_ws_inputs` changes (data pointer, version counter, dtype, device; the version counter moves
-      on every in-place edit, optimizer step and ``load_state_dict``), so it is never stale;
+      :meth:`_ws_inputs` changes (data pointer or version counter; the version counter moves on every
+      in-place edit, optimizer step and ``load_state_dict``, ``.to()`` makes new storages), so it is
+      never stale;
+    - under ``torch.compile``, the traced standardization (no Python-side state in the graph);
     - otherwise (training) a fresh one, and no cache is kept.
     """
 
@@ -59,14 +61,19 @@ class _WSMixin:
         return (self.ws_style, self.ws_eps)
 
     def _forward_weight(self) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # traced: no Python-side state, the graph standardizes
+            return self.standardized_weight()
         accumulated = self.__dict__.get("_ws_accumulated")
         if accumulated is not None:
             return accumulated
-        inputs = self._ws_inputs()
-        grad_needed = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-        if self.training or grad_needed or torch.compiler.is_compiling():
+        if self.training:
             return self.standardized_weight()
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in inputs) + self._ws_settings()
+        inputs = self._ws_inputs()
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+            return self.standardized_weight()
+        # dtype/device changes give a new storage, and the cache holds the old one alive, so the pointer
+        # alone tells storages apart
+        key = tuple((t.data_ptr(), t._version) for t in inputs) + self._ws_settings()
         cached = self.__dict__.get("_ws_cache")  # one read: another thread may swap it meanwhile
         # An inference tensor (made under inference_mode) must not be saved for backward: reuse it only
         # while autograd is off.
