@@ -19,6 +19,7 @@ from typing import Iterator, List, Tuple
 import torch
 import torch.nn as nn
 
+from .layers.convert import replace_modules
 from .layers.ws_conv import is_ws_layer
 
 __all__ = ["fold_ws", "accumulate_ws", "ws_layers", "tune_cpu_allocator"]
@@ -40,10 +41,7 @@ def fold_ws(model: nn.Module, inplace: bool = False) -> nn.Module:
     if is_ws_layer(model):
         return model.folded()  # type: ignore[operator]
     target = model if inplace else copy.deepcopy(model)
-    for name, layer in ws_layers(target):
-        parent_name, _, child_name = name.rpartition(".")
-        parent = target.get_submodule(parent_name) if parent_name else target
-        setattr(parent, child_name, layer.folded())  # type: ignore[operator]
+    replace_modules(target, lambda name, layer: layer.folded() if is_ws_layer(layer) else None)  # type: ignore[operator]
     return target
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from ..layers import convert_convs_to_ws
+from ..layers.convert import replace_modules
 from .backbone import create_backbone
 
 __all__ = ["build_segmenter", "WSDeepLabV3", "batchnorm_to_groupnorm"]
@@ -17,13 +18,8 @@ __all__ = ["build_segmenter", "WSDeepLabV3", "batchnorm_to_groupnorm"]
 
 def batchnorm_to_groupnorm(module: nn.Module, groups: int = 32) -> int:
     """Replace every BatchNorm2d under ``module`` by GroupNorm(groups) of the same width; returns the count."""
-    count = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.BatchNorm2d):
-                setattr(parent, name, nn.GroupNorm(min(groups, child.num_features), child.num_features))
-                count += 1
-    return count
+    return len(replace_modules(module, lambda name, child: nn.GroupNorm(min(groups, child.num_features), child.num_features)
+                               if isinstance(child, nn.BatchNorm2d) else None))
 
 
 class WSDeepLabV3(nn.Module):

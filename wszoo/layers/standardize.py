@@ -30,13 +30,16 @@ import torch.nn.functional as F
 __all__ = ["WS_STYLES", "SCALED_STYLES", "DEFAULT_EPS", "standardize_weight", "check_style", "fan_in_of"]
 
 
-# Every style is y = (W - mean) * b(v) * scale per row, with v the biased variance over the fan-in n and
-# b a style-specific function of it. Each entry gives (b, db/dv) on the per-row (out, 1) statistics.
-def _timm_scale(v: torch.Tensor, n: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    b = torch.rsqrt(v + eps)  # timm StdConv2d: batch_norm's (v + eps)^-1/2
-    return b, -0.5 * b ** 3
+#: The styles :func:`standardize_weight` understands.
+WS_STYLES = ("timm", "qiao", "bcn", "timm_scaled", "deepmind")
+
+# Styles whose per-row factor is exactly batch_norm's invstd (v + eps)^-1/2: they run as F.batch_norm
+# itself (bitwise timm's StdConv2d / ScaledStdConv2d, forward and backward).
+_BATCH_NORM_EXACT = ("timm", "timm_scaled")
 
 
+# Every other style is y = (W - mean) * b(v) * scale per row, with v the biased variance over the fan-in
+# n and b a style-specific function of it. Each entry gives (b, db/dv) on the per-row (out, 1) statistics.
 def _qiao_scale(v: torch.Tensor, n: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     # 1 / (std_unbiased + eps). The variance is floored at the dtype's smallest normal before the sqrt, so
     # a constant filter gets a finite gradient (the original code's sqrt'(0) gives NaN there).
@@ -58,16 +61,11 @@ def _deepmind_scale(v: torch.Tensor, n: int, eps: float) -> Tuple[torch.Tensor, 
 
 
 _ROW_SCALES: Dict[str, Callable[[torch.Tensor, int, float], Tuple[torch.Tensor, torch.Tensor]]] = {
-    "timm": _timm_scale,
     "qiao": _qiao_scale,
     "bcn": _bcn_scale,
-    "timm_scaled": _timm_scale,  # times gain * gamma / sqrt(fan_in), applied as the per-row scale
     "deepmind": _deepmind_scale,
 }
-# Styles whose b is exactly batch_norm's invstd: they run as F.batch_norm itself (bitwise timm's
-# StdConv2d / ScaledStdConv2d, forward and backward).
-_BATCH_NORM_EXACT = ("timm", "timm_scaled")
-
+assert set(_ROW_SCALES) | set(_BATCH_NORM_EXACT) == set(WS_STYLES)
 
 def _batch_norm_rows(w2d: torch.Tensor, eps: float, scale: Optional[torch.Tensor]) -> torch.Tensor:
     # batch_norm over a (1, out, fan_in) view: biased variance, eps inside the sqrt, the per-row scale
@@ -124,16 +122,13 @@ _RHO_FLOOR = 1e-12
 #: Styles that take a per-filter ``gain`` and a constant ``gamma`` (Scaled WS).
 SCALED_STYLES = ("timm_scaled", "deepmind")
 
-#: The styles :func:`standardize_weight` understands.
-WS_STYLES = tuple(_ROW_SCALES)
-
 #: Each style's eps in its upstream layer (``timm``: the StdConv2d default; BiT overrides it to 1e-8).
 DEFAULT_EPS: Dict[str, float] = {"timm": 1e-6, "qiao": 1e-5, "bcn": 1e-5, "timm_scaled": 1e-5, "deepmind": 1e-4}
 
 
 def check_style(style: str) -> str:
     """Return ``style`` if known, else raise a ValueError listing the known styles."""
-    if style not in _ROW_SCALES:
+    if style not in WS_STYLES:
         raise ValueError(f"unknown weight-standardization style {style!r}; choose one of {', '.join(WS_STYLES)}")
     return style
 
