@@ -40,14 +40,21 @@ def ref_deepmind(w, eps, gain, gamma):  # DeepMind WSConv2D (HWIO there; OIHW he
     return (gamma * (flat * scale - mean * scale)).reshape(w.shape)
 
 
+def ref_cwn(w, eps, gain, gamma):  # Centered WN (Huang et al. 2017): g * (v - mean(v)) / ||v - mean(v)||
+    flat = w.reshape(w.shape[0], -1)
+    centred = flat - flat.mean(1, keepdim=True)
+    norm = torch.sqrt((centred ** 2).sum(1, keepdim=True) + eps)
+    return (gamma * gain.reshape(-1, 1) * centred / norm).reshape(w.shape)
+
+
 REFERENCES = {"timm": ref_timm, "qiao": ref_qiao, "bcn": ref_bcn}
-SCALED_REFERENCES = {"timm_scaled": ref_timm_scaled, "deepmind": ref_deepmind}
+SCALED_REFERENCES = {"timm_scaled": ref_timm_scaled, "deepmind": ref_deepmind, "cwn": ref_cwn}
 UNSCALED = tuple(REFERENCES)
 
 
 def test_every_style_has_a_reference_and_a_default_eps():
     assert set(WS_STYLES) == set(REFERENCES) | set(SCALED_REFERENCES) == set(DEFAULT_EPS)
-    assert DEFAULT_EPS == {"timm": 1e-6, "qiao": 1e-5, "bcn": 1e-5, "timm_scaled": 1e-5, "deepmind": 1e-4}
+    assert DEFAULT_EPS == {"timm": 1e-6, "qiao": 1e-5, "bcn": 1e-5, "timm_scaled": 1e-5, "deepmind": 1e-4, "cwn": 1e-8}
 
 
 @pytest.mark.parametrize("style", UNSCALED)
@@ -192,10 +199,12 @@ def test_scaled_styles_give_unit_fan_in_variance_and_agree_with_each_other():
     w = torch.randn(32, 16, 3, 3, dtype=torch.float64)
     for style in SCALED_REFERENCES:
         flat = standardize_weight(w, style, eps=1e-12).reshape(32, -1)
-        # Scaled WS: zero mean, variance 1/fan_in, so a unit-variance input keeps unit variance
+        # Scaled WS: zero mean, variance 1/fan_in, so a unit-variance input keeps unit variance (for CWN
+        # the same statement reads: centred filters of unit norm)
         torch.testing.assert_close(flat.var(1, correction=0) * flat.shape[1], torch.ones(32, dtype=torch.float64))
     torch.testing.assert_close(standardize_weight(w, "timm_scaled", eps=1e-14),
                                standardize_weight(w, "deepmind", eps=1e-14))
+    torch.testing.assert_close(standardize_weight(w, "cwn", eps=1e-14), standardize_weight(w, "deepmind", eps=1e-14))
 
 
 def test_timm_scaled_is_bitwise_timm():
@@ -212,9 +221,9 @@ def test_timm_scaled_is_bitwise_timm():
 
 def test_gain_and_gamma_only_for_scaled_styles():
     w = torch.randn(4, 3, 3, 3)
-    with pytest.raises(ValueError, match="gain/gamma apply to the scaled styles"):
+    with pytest.raises(ValueError, match="gain/gamma apply to the styles"):
         standardize_weight(w, "timm", gamma=2.0)
-    with pytest.raises(ValueError, match="gain/gamma apply to the scaled styles"):
+    with pytest.raises(ValueError, match="gain/gamma apply to the styles"):
         standardize_weight(w, "qiao", gain=torch.ones(4))
     with pytest.raises(ValueError, match=r"one value per output filter \(4\)"):
         standardize_weight(w, "deepmind", gain=torch.ones(5))

@@ -5,9 +5,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import StdConv2d, StdConv2dSame
 
-from wszoo.layers import GroupNormAct, ScaledWSConv2d, WSConv2d, WSConv2dSame, WSLinear, get_act_layer, is_ws_layer
+from wszoo.layers import (
+    CWNConv2d, CWNLinear, GroupNormAct, ScaledWSConv2d, WSConv2d, WSConv2dSame, WSLinear, get_act_layer, is_ws_layer,
+)
 
-from .test_standardize import REFERENCES
+from .test_standardize import REFERENCES, ref_cwn
 
 
 @pytest.mark.parametrize("style", ["timm", "qiao", "bcn"])
@@ -268,3 +270,47 @@ def test_cache_is_thread_safe():
     for t in threads:
         t.join()
     assert errors == []
+
+
+# --- Centered Weight Normalization ---
+@pytest.mark.parametrize("learnable_scale", [False, True])
+def test_cwn_conv_filters_are_centred_with_equal_norms(learnable_scale):
+    torch.manual_seed(11)
+    conv = CWNConv2d(6, 12, 3, groups=2, norm=2.5, learnable_scale=learnable_scale).double()
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand(12, 1, 1, 1, dtype=torch.float64) * 4).add_(0.3)  # uneven scales and means
+    flat = conv.standardized_weight().reshape(12, -1)
+    torch.testing.assert_close(flat.mean(1), torch.zeros(12, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(flat.norm(dim=1), torch.full((12,), 2.5, dtype=torch.float64), rtol=1e-6, atol=0)
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    gain = conv.gain.detach() if learnable_scale else torch.ones(12, dtype=torch.float64)
+    w = ref_cwn(conv.weight.detach(), conv.ws_eps, gain, 1.0 if learnable_scale else 2.5)
+    torch.testing.assert_close(conv(x), F.conv2d(x, w, None, padding=1, groups=2), rtol=1e-10, atol=1e-10)
+
+
+def test_cwn_learnable_scale_is_a_per_filter_norm_and_trains():
+    torch.manual_seed(12)
+    lin = CWNLinear(10, 4, learnable_scale=True)
+    assert set(dict(lin.named_parameters())) == {"weight", "bias", "gain"} and lin.gain.shape == (4, 1)
+    with torch.no_grad():
+        lin.gain.copy_(torch.tensor([[0.5], [1.0], [2.0], [3.0]]))
+    torch.testing.assert_close(lin.standardized_weight().norm(dim=1), torch.tensor([0.5, 1.0, 2.0, 3.0]))
+    lin(torch.randn(3, 10)).square().sum().backward()
+    assert lin.gain.grad is not None and lin.gain.grad.abs().min() > 0 and lin.weight.grad.abs().max() > 0
+    fixed = CWNLinear(10, 4)
+    assert fixed.gain is None and set(fixed.state_dict()) == {"weight", "bias"}  # a plain nn.Linear's keys
+    assert isinstance(fixed.folded(), nn.Linear) and is_ws_layer(fixed)
+    with torch.no_grad():
+        x = torch.randn(3, 10)
+        torch.testing.assert_close(fixed.folded()(x), fixed(x))
+
+
+def test_cwn_eval_cache_follows_the_scale_and_bad_norm_is_refused():
+    conv = CWNConv2d(4, 6, 3, learnable_scale=True).eval()
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        before = conv(x).clone()
+        conv.gain.mul_(2.0)
+        torch.testing.assert_close(conv(x), 2 * before)
+    with pytest.raises(ValueError, match="norm must be > 0"):
+        CWNConv2d(4, 6, 3, norm=0.0)

@@ -12,11 +12,12 @@ style            formula                                                      us
 ``bcn``          ``(W - mean) / sqrt(var_unbiased + eps)``                    Batch-Channel Norm repo     1e-5
 ``timm_scaled``  ``gain * gamma * fan_in**-0.5 * (W - mean) / sqrt(var_b + eps)``  timm ``ScaledStdConv2d``  1e-5
 ``deepmind``     ``gamma * gain * (W - mean) * rsqrt(max(var_b * fan_in, eps))``   official NFNets (Haiku)  1e-4
+``cwn``          ``gamma * gain * (W - mean) / sqrt(||W - mean||^2 + eps)``  Centered WN (Huang 2017)    1e-8
 ===============  ===========================================================  ==========================  =====
 
 The two *scaled* styles (Scaled WS, Brock et al. 2021) take a per-filter ``gain`` and a constant
-``gamma`` (the activation's variance-preserving gain, when it is folded into the conv); the others
-take neither. (BiT models use ``timm`` with eps 1e-8.) The statistics are always computed in float32, also under
+``gamma`` (the activation's variance-preserving gain, when it is folded into the conv); ``cwn`` takes
+them too (its learnable per-filter scale and its fixed filter norm); the others take neither. (BiT models use ``timm`` with eps 1e-8.) The statistics are always computed in float32, also under
 fp16/bf16 autocast (float64 weights in float64), and the result is returned in the weight's own dtype.
 """
 from __future__ import annotations
@@ -27,11 +28,11 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["WS_STYLES", "SCALED_STYLES", "DEFAULT_EPS", "standardize_weight", "check_style", "fan_in_of"]
+__all__ = ["WS_STYLES", "SCALED_STYLES", "GAIN_STYLES", "DEFAULT_EPS", "standardize_weight", "check_style", "fan_in_of"]
 
 
 #: The styles :func:`standardize_weight` understands.
-WS_STYLES = ("timm", "qiao", "bcn", "timm_scaled", "deepmind")
+WS_STYLES = ("timm", "qiao", "bcn", "timm_scaled", "deepmind", "cwn")
 
 # Styles whose per-row factor is exactly batch_norm's invstd (v + eps)^-1/2: they run as F.batch_norm
 # itself (bitwise timm's StdConv2d / ScaledStdConv2d, forward and backward).
@@ -60,10 +61,16 @@ def _deepmind_scale(v: torch.Tensor, n: int, eps: float) -> Tuple[torch.Tensor, 
     return b, torch.where(q > eps, -0.5 * n * b ** 3, torch.zeros_like(b))
 
 
+def _cwn_scale(v: torch.Tensor, n: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    b = torch.rsqrt(v * n + eps)  # 1 / sqrt(||W - mean||^2 + eps): centred filters of unit norm
+    return b, -0.5 * n * b ** 3
+
+
 _ROW_SCALES: Dict[str, Callable[[torch.Tensor, int, float], Tuple[torch.Tensor, torch.Tensor]]] = {
     "qiao": _qiao_scale,
     "bcn": _bcn_scale,
     "deepmind": _deepmind_scale,
+    "cwn": _cwn_scale,
 }
 assert set(_ROW_SCALES) | set(_BATCH_NORM_EXACT) == set(WS_STYLES)
 
@@ -122,8 +129,11 @@ _RHO_FLOOR = 1e-12
 #: Styles that take a per-filter ``gain`` and a constant ``gamma`` (Scaled WS).
 SCALED_STYLES = ("timm_scaled", "deepmind")
 
+#: Styles that accept ``gain``/``gamma``: the scaled ones and Centered Weight Normalization.
+GAIN_STYLES = SCALED_STYLES + ("cwn",)
+
 #: Each style's eps in its upstream layer (``timm``: the StdConv2d default; BiT overrides it to 1e-8).
-DEFAULT_EPS: Dict[str, float] = {"timm": 1e-6, "qiao": 1e-5, "bcn": 1e-5, "timm_scaled": 1e-5, "deepmind": 1e-4}
+DEFAULT_EPS: Dict[str, float] = {"timm": 1e-6, "qiao": 1e-5, "bcn": 1e-5, "timm_scaled": 1e-5, "deepmind": 1e-4, "cwn": 1e-8}
 
 
 def check_style(style: str) -> str:
@@ -151,9 +161,9 @@ def standardize_weight(
         weight: a conv ``(out, in/groups, kh, kw)`` or linear ``(out, in)`` weight; dim 0 is the filter.
         style: one of :data:`WS_STYLES` (see the module docstring for the formulas).
         eps: numerical floor; ``None`` takes the style's upstream default from :data:`DEFAULT_EPS`.
-        gain: scaled styles only: a learnable per-filter multiplier with ``out`` elements (any shape,
+        gain: :data:`GAIN_STYLES` only: a learnable per-filter multiplier with ``out`` elements (any shape,
             e.g. timm's ``(out, 1, 1, 1)``); ``None`` means 1.
-        gamma: scaled styles only: a constant multiplier (the activation's gamma).
+        gamma: :data:`GAIN_STYLES` only: a constant multiplier (the activation's gamma; CWN's filter norm).
 
     Returns:
         A tensor of ``weight``'s shape and dtype, differentiable with respect to ``weight``.
@@ -167,9 +177,9 @@ def standardize_weight(
     eps = DEFAULT_EPS[style] if eps is None else float(eps)
     if not eps > 0:
         raise ValueError(f"eps must be > 0 (it keeps constant filters finite), got {eps}")
-    scaled = style in SCALED_STYLES
+    scaled = style in GAIN_STYLES
     if not scaled and (gain is not None or gamma != 1.0):
-        raise ValueError(f"gain/gamma apply to the scaled styles {SCALED_STYLES}, not to {style!r}")
+        raise ValueError(f"gain/gamma apply to the styles {GAIN_STYLES}, not to {style!r}")
     if gain is not None and gain.numel() != weight.shape[0]:
         raise ValueError(f"gain must have one value per output filter ({weight.shape[0]}), got shape {tuple(gain.shape)}")
     # A channels-last conv weight is standardized in its memory order (the statistics don't care), so

@@ -6,7 +6,7 @@ into a plain layer exactly. The numerics live in :func:`wszoo.layers.standardize
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -16,7 +16,8 @@ from timm.layers.padding import get_padding, get_padding_value, pad_same
 
 from .standardize import DEFAULT_EPS, SCALED_STYLES, check_style, fan_in_of, standardize_weight
 
-__all__ = ["WSConv2d", "WSConv2dSame", "WSLinear", "ScaledWSConv2d", "ScaledWSConv2dSame", "is_ws_layer"]
+__all__ = ["WSConv2d", "WSConv2dSame", "WSLinear", "ScaledWSConv2d", "ScaledWSConv2dSame", "CWNConv2d", "CWNLinear",
+           "is_ws_layer"]
 
 _IntOr2 = Union[int, Tuple[int, int]]
 
@@ -50,15 +51,20 @@ class _WSMixin:
 
     def standardized_weight(self) -> torch.Tensor:
         """The effective weight this layer convolves (or multiplies) with, computed now."""
-        return standardize_weight(self.weight, self.ws_style, self.ws_eps)
+        return standardize_weight(self.weight, self.ws_style, self.ws_eps, **self._ws_scale_kwargs())
+
+    def _ws_scale_kwargs(self) -> Dict[str, Any]:
+        """``gain``/``gamma`` for :func:`standardize_weight` (layers of the :data:`GAIN_STYLES` override it)."""
+        return {}
 
     def _ws_inputs(self) -> Tuple[torch.Tensor, ...]:
         """The tensors :meth:`standardized_weight` depends on."""
-        return (self.weight,)
+        return (self.weight,) + tuple(v for v in self._ws_scale_kwargs().values() if isinstance(v, torch.Tensor))
 
     def _ws_settings(self) -> Tuple:
         """The non-tensor settings :meth:`standardized_weight` depends on (part of the cache key)."""
-        return (self.ws_style, self.ws_eps)
+        extra = tuple(v for v in self._ws_scale_kwargs().values() if not isinstance(v, torch.Tensor))
+        return (self.ws_style, self.ws_eps) + extra
 
     def _forward_weight(self) -> torch.Tensor:
         if torch.compiler.is_compiling():  # traced: no Python-side state, the graph standardizes
@@ -266,14 +272,8 @@ class ScaledWSConv2d(WSConv2d):
         self.gain_init = float(gain_init)
         self.gain = nn.Parameter(torch.full((out_channels, 1, 1, 1), self.gain_init, device=device, dtype=dtype))
 
-    def standardized_weight(self) -> torch.Tensor:
-        return standardize_weight(self.weight, self.ws_style, self.ws_eps, gain=self.gain, gamma=self.gamma)
-
-    def _ws_inputs(self) -> Tuple[torch.Tensor, ...]:
-        return (self.weight, self.gain)
-
-    def _ws_settings(self) -> Tuple:
-        return (self.ws_style, self.ws_eps, self.gamma)
+    def _ws_scale_kwargs(self) -> Dict[str, Any]:
+        return {"gain": self.gain, "gamma": self.gamma}
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", gamma={self.gamma:g}"
@@ -281,3 +281,71 @@ class ScaledWSConv2d(WSConv2d):
 
 class ScaledWSConv2dSame(_TFSamePadding, ScaledWSConv2d):
     """:class:`ScaledWSConv2d` with TensorFlow 'SAME' padding (DeepMind's NFNet checkpoints)."""
+
+
+class _CenteredWN:
+    """Centered Weight Normalization (Huang et al. 2017): every filter is centred and scaled to a fixed
+    norm, ``norm * (W - mean) / ||W - mean||`` (style ``cwn``); with ``learnable_scale`` the norm is a
+    per-filter parameter ``gain`` initialised to ``norm`` instead (the paper's optional scale ``g``)."""
+
+    def _init_cwn(self, out_features: int, norm: float, learnable_scale: bool, device, dtype) -> None:
+        if not norm > 0:
+            raise ValueError(f"norm must be > 0 (the filters' fixed norm), got {norm}")
+        self.cwn_norm = float(norm)
+        gain = nn.Parameter(torch.full((out_features,) + (1,) * (self.weight.dim() - 1), self.cwn_norm,
+                                       device=device, dtype=dtype)) if learnable_scale else None
+        self.register_parameter("gain", gain)  # type: ignore[attr-defined]
+
+    def _ws_scale_kwargs(self) -> Dict[str, Any]:
+        if self.gain is None:  # type: ignore[attr-defined]
+            return {"gamma": self.cwn_norm}
+        return {"gain": self.gain}  # type: ignore[attr-defined]
+
+    def extra_repr(self) -> str:
+        scale = "learnable" if self.gain is not None else "fixed"  # type: ignore[attr-defined]
+        return super().extra_repr() + f", norm={self.cwn_norm:g} ({scale})"  # type: ignore[misc]
+
+
+class CWNConv2d(_CenteredWN, WSConv2d):
+    """``nn.Conv2d`` with Centered Weight Normalization: each output filter is centred over its fan-in
+    and scaled to norm ``norm`` on every forward (a learnable per-filter norm ``gain`` with
+    ``learnable_scale=True``). Takes :class:`WSConv2d`'s arguments; the style is always ``cwn``."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _IntOr2,
+        stride: _IntOr2 = 1,
+        padding: Optional[Union[_IntOr2, str]] = None,
+        dilation: _IntOr2 = 1,
+        groups: int = 1,
+        bias: bool = False,
+        norm: float = 1.0,
+        learnable_scale: bool = False,
+        eps: Optional[float] = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                         groups=groups, bias=bias, style="cwn", eps=eps, device=device, dtype=dtype)
+        self._init_cwn(out_channels, norm, learnable_scale, device, dtype)
+
+
+class CWNLinear(_CenteredWN, WSLinear):
+    """``nn.Linear`` with Centered Weight Normalization (the paper's fully-connected case): each row is
+    centred over ``in_features`` and scaled to norm ``norm`` (learnable per row with ``learnable_scale``)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        norm: float = 1.0,
+        learnable_scale: bool = False,
+        eps: Optional[float] = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, style="cwn", eps=eps, device=device, dtype=dtype)
+        self._init_cwn(out_features, norm, learnable_scale, device, dtype)
