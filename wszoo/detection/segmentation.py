@@ -9,17 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
-from ..layers import convert_convs_to_ws
-from ..layers.convert import replace_modules
+from ..layers import batchnorm_to_groupnorm, convert_convs_to_ws
 from .backbone import create_backbone
 
 __all__ = ["build_segmenter", "WSDeepLabV3", "batchnorm_to_groupnorm"]
-
-
-def batchnorm_to_groupnorm(module: nn.Module, groups: int = 32) -> int:
-    """Replace every BatchNorm2d under ``module`` by GroupNorm(groups) of the same width; returns the count."""
-    return len(replace_modules(module, lambda name, child: nn.GroupNorm(min(groups, child.num_features), child.num_features)
-                               if isinstance(child, nn.BatchNorm2d) else None))
 
 
 class WSDeepLabV3(nn.Module):

@@ -1,13 +1,24 @@
-"""Shared WS building blocks: the one standardization function, WS convs/linears, norms, activations."""
+"""Shared WS building blocks: the one standardization function, WS convs/linears and their variants
+(Centered WN, p4 group convolutions), norms (GroupNorm+act, Batch-Channel Norm), activations, and
+``convert_to_ws`` for retrofitting WS onto existing networks."""
 from .activations import NONLIN_GAMMA, GammaAct, act_with_gamma
-from .convert import convert_convs_to_ws
 from .attention import EcaModule, SEModule, create_attn
+from .bcn import BatchChannelNorm2d, EstimatedBatchNorm2d
+from .convert import ConversionReport, WSPolicy, batchnorm_to_groupnorm, convert_convs_to_ws, convert_to_ws
 from .norm_act import ACT_LAYERS, GroupNormAct, create_act, get_act_layer
-from .standardize import DEFAULT_EPS, SCALED_STYLES, WS_STYLES, check_style, fan_in_of, standardize_weight
-from .ws_conv import ScaledWSConv2d, ScaledWSConv2dSame, WSConv2d, WSConv2dSame, WSLinear, is_ws_layer
+from .p4 import P4Conv2d, P4OrientationPool, P4WSConv2d, p4_filter_bank, rotate_p4
+from .standardize import (
+    DEFAULT_EPS, GAIN_STYLES, SCALED_STYLES, WS_STYLES, check_style, fan_in_of, standardize_weight,
+)
+from .ws_conv import (
+    CWNConv2d, CWNLinear, ScaledWSConv2d, ScaledWSConv2dSame, WSConv2d, WSConv2dSame, WSLinear, is_ws_layer,
+)
 
 __all__ = [
-    "ACT_LAYERS", "DEFAULT_EPS", "EcaModule", "SEModule", "convert_convs_to_ws", "create_act", "create_attn", "GammaAct", "GroupNormAct", "NONLIN_GAMMA", "SCALED_STYLES", "ScaledWSConv2d",
-    "ScaledWSConv2dSame", "WS_STYLES", "WSConv2d", "WSConv2dSame", "WSLinear", "act_with_gamma", "check_style",
-    "fan_in_of", "get_act_layer", "is_ws_layer", "standardize_weight",
+    "ACT_LAYERS", "BatchChannelNorm2d", "CWNConv2d", "CWNLinear", "ConversionReport", "DEFAULT_EPS", "EcaModule",
+    "EstimatedBatchNorm2d", "GAIN_STYLES", "GammaAct", "GroupNormAct", "NONLIN_GAMMA", "P4Conv2d",
+    "P4OrientationPool", "P4WSConv2d", "SCALED_STYLES", "SEModule", "ScaledWSConv2d", "ScaledWSConv2dSame",
+    "WSConv2d", "WSConv2dSame", "WSLinear", "WSPolicy", "WS_STYLES", "act_with_gamma", "batchnorm_to_groupnorm",
+    "check_style", "convert_convs_to_ws", "convert_to_ws", "create_act", "create_attn", "fan_in_of",
+    "get_act_layer", "is_ws_layer", "p4_filter_bank", "rotate_p4", "standardize_weight",
 ]

@@ -1,15 +1,210 @@
-"""Swapping plain convolutions for WS ones in an existing module, in place, keeping parameters and
-state-dict keys (so checkpoints of the original still load)."""
+"""Retrofitting WS onto existing networks: swap plain convolutions (and optionally linears) for WS
+layers holding the *same* parameters, so state-dict keys do not change and checkpoints of the
+original still load; optionally swap BatchNorm for GroupNorm, WS's usual partner.
+
+Which layers are standardized is a :class:`WSPolicy`: depthwise convs are skipped by default (their
+fan-in is ``k*k``, e.g. 9 weights, too few for stable statistics; the WS-on-a-subset recipes keep
+them plain), as is anything below ``min_fan_in`` or named in ``skip``.
+"""
 from __future__ import annotations
 
-from typing import Callable, Iterable, List, Optional
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch.nn as nn
+from timm.layers import Conv2dSame
+from timm.layers import GroupNormAct as TimmGroupNormAct
+from timm.layers.norm_act import BatchNormAct2d as TimmBatchNormAct2d
 
-from .standardize import fan_in_of
-from .ws_conv import WSConv2d
+from .standardize import check_style, fan_in_of
+from .ws_conv import WSConv2d, WSConv2dSame, WSLinear, is_ws_layer
 
-__all__ = ["convert_convs_to_ws", "replace_modules"]
+__all__ = ["WSPolicy", "ConversionReport", "convert_to_ws", "convert_convs_to_ws", "batchnorm_to_groupnorm",
+           "replace_modules"]
+
+NORM_SWAPS = (None, "gn")
+
+
+@dataclass(frozen=True)
+class WSPolicy:
+    """Where weight standardization applies.
+
+    Args:
+        min_fan_in: filters with fewer weights than this stay plain (at least 2: one weight
+            standardizes to 0).
+        skip_depthwise: keep depthwise convs (``groups == in_channels > 1``) plain.
+        skip: layer names or shell-style patterns (``'fc'``, ``'classifier.*'``) to keep plain.
+        linear: also standardize ``nn.Linear`` layers.
+        skip_classifier: keep the model's classifier plain when the model names it (timm's
+            ``get_classifier()``, e.g. a 1x1-conv ``head.fc``); other classifiers go in ``skip``.
+    """
+
+    min_fan_in: int = 2
+    skip_depthwise: bool = True
+    skip: Tuple[str, ...] = ()
+    linear: bool = False
+    skip_classifier: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.skip, str):
+            object.__setattr__(self, "skip", (self.skip,))
+        object.__setattr__(self, "skip", tuple(self.skip))
+        if not all(isinstance(s, str) for s in self.skip):
+            raise TypeError(f"skip takes layer names or patterns (strings), got {self.skip!r}")
+        if not isinstance(self.min_fan_in, int) or self.min_fan_in < 2:
+            raise ValueError(f"min_fan_in must be an int >= 2 (a single weight standardizes to 0), got {self.min_fan_in!r}")
+
+    def reason_to_skip(self, name: str, layer: nn.Module) -> Optional[str]:
+        """Why ``layer`` (a plain conv or linear) stays plain under this policy, or ``None`` to convert it."""
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.skip):
+            return "named in policy.skip"
+        if isinstance(layer, nn.Linear) and not self.linear:
+            return "linear layer (policy.linear is False)"
+        groups = getattr(layer, "groups", 1)
+        if self.skip_depthwise and groups > 1 and groups == layer.in_channels:  # type: ignore[attr-defined]
+            return "depthwise conv (policy.skip_depthwise)"
+        fan_in = fan_in_of(layer.weight)  # type: ignore[arg-type]
+        if fan_in < self.min_fan_in:
+            return f"fan-in {fan_in} < policy.min_fan_in {self.min_fan_in}"
+        return None
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert_to_ws` changed. ``converted``/``norms``: name -> ``'old -> new'``;
+    ``skipped``: name -> reason; ``dropped_keys``: state-dict keys that no longer exist (the replaced
+    BatchNorms' running statistics), so a strict load of an old checkpoint needs ``strict=False``."""
+
+    converted: Dict[str, str] = field(default_factory=dict)
+    skipped: Dict[str, str] = field(default_factory=dict)
+    norms: Dict[str, str] = field(default_factory=dict)
+    dropped_keys: List[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.converted)} layer(s) to WS, kept {len(self.skipped)} plain, "
+                 f"replaced {len(self.norms)} norm(s)"]
+        lines += [f"  WS    {name}: {what}" for name, what in self.converted.items()]
+        lines += [f"  plain {name}: {why}" for name, why in self.skipped.items()]
+        lines += [f"  norm  {name}: {what}" for name, what in self.norms.items()]
+        if self.dropped_keys:
+            lines.append(f"  state-dict keys dropped: {len(self.dropped_keys)} (BatchNorm running statistics)")
+        return "\n".join(lines)
+
+
+def _describe(layer: nn.Module) -> str:
+    return f"{type(layer).__name__}({layer.extra_repr()})"
+
+
+def _ws_twin(layer: nn.Module, style: str, eps: Optional[float]) -> nn.Module:
+    """The WS layer computing ``layer``'s function on standardized weights, sharing its parameters."""
+    if isinstance(layer, nn.Linear):
+        ws: nn.Module = WSLinear(layer.in_features, layer.out_features, bias=layer.bias is not None, style=style,
+                                 eps=eps, device="meta")
+    else:
+        same = isinstance(layer, Conv2dSame)  # timm's dynamic TF 'SAME' padding
+        cls = WSConv2dSame if same else WSConv2d
+        ws = cls(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                 padding="same" if same else layer.padding, dilation=layer.dilation, groups=layer.groups,
+                 bias=layer.bias is not None, style=style, eps=eps, device="meta")
+        ws.padding_mode = layer.padding_mode
+    ws.weight, ws.bias = layer.weight, layer.bias  # share, don't copy: keys and values unchanged
+    return ws.train(layer.training)
+
+
+def _gn_groups(channels: int, wanted: int) -> int:
+    """The largest group count <= ``wanted`` that divides ``channels`` (GroupNorm needs a divisor)."""
+    return max(g for g in range(1, min(wanted, channels) + 1) if channels % g == 0)
+
+
+def _groupnorm_twin(bn: nn.Module, groups: int) -> nn.Module:
+    """GroupNorm of ``bn``'s width sharing its affine parameters; timm's BatchNormAct2d keeps its act/drop."""
+    channels = bn.num_features
+    g = _gn_groups(channels, groups)
+    if isinstance(bn, TimmBatchNormAct2d):
+        gn: nn.Module = TimmGroupNormAct(channels, g, eps=bn.eps, affine=bn.affine, apply_act=False, device="meta")
+        gn.act, gn.drop = bn.act, bn.drop
+    else:
+        gn = nn.GroupNorm(g, channels, eps=bn.eps, affine=bn.affine, device="meta")
+    if bn.affine:
+        gn.weight, gn.bias = bn.weight, bn.bias
+    return gn.train(bn.training)
+
+
+def _is_swappable_batchnorm(module: nn.Module) -> bool:
+    return type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm, TimmBatchNormAct2d)
+
+
+def _already_standardized(module: nn.Module) -> bool:
+    from timm.layers import ScaledStdConv2d, StdConv2d, StdConv2dSame, ScaledStdConv2dSame
+
+    return is_ws_layer(module) or isinstance(module, (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame))
+
+
+def convert_to_ws(
+    model: nn.Module,
+    style: str = "timm",
+    policy: Optional[WSPolicy] = None,
+    eps: Optional[float] = None,
+    norm: Optional[str] = None,
+    gn_groups: int = 32,
+) -> ConversionReport:
+    """Retrofit weight standardization onto ``model`` in place and report what changed.
+
+    Every ``nn.Conv2d`` (and timm's ``Conv2dSame``) the ``policy`` allows becomes a
+    :class:`WSConv2d` (:class:`WSConv2dSame`), every allowed ``nn.Linear`` a :class:`WSLinear` when
+    ``policy.linear``; they hold the original parameter objects, so the state-dict keys and values are
+    unchanged. ``norm='gn'`` also replaces ``BatchNorm2d``/``SyncBatchNorm`` (and timm's
+    ``BatchNormAct2d``, keeping its activation) by GroupNorm with ``gn_groups`` groups (the largest
+    divisor of the width not above it), sharing the affine parameters; their running statistics leave
+    the state dict (listed in the report). A BN-trained network computes a different function once
+    standardized: fine-tune it.
+
+    Everything is checked and built before anything is replaced, so an error leaves ``model`` as it was.
+    Subclasses of ``nn.Conv2d``/``nn.Linear`` with their own forward are left alone and reported.
+
+    Example (torchvision's ResNet-50 to GN+WS)::
+
+        model = torchvision.models.resnet50()
+        report = wszoo.convert_to_ws(model, style="qiao", norm="gn")
+    """
+    check_style(style)
+    policy = WSPolicy() if policy is None else policy
+    if not isinstance(policy, WSPolicy):
+        raise TypeError(f"policy must be a wszoo.layers.WSPolicy, got {type(policy).__name__}")
+    if norm not in NORM_SWAPS:
+        raise ValueError(f"norm must be one of {NORM_SWAPS} (None keeps the norms), got {norm!r}")
+    if not isinstance(gn_groups, int) or gn_groups < 1:
+        raise ValueError(f"gn_groups must be a positive int, got {gn_groups!r}")
+    if isinstance(model, (nn.Conv2d, nn.Linear)) or _is_swappable_batchnorm(model):
+        raise ValueError("convert_to_ws replaces a model's layers in place; wrap a single layer in a module "
+                         "(e.g. nn.Sequential(layer)) or build the WS layer directly")
+
+    report = ConversionReport()
+    classifier = model.get_classifier() if policy.skip_classifier and hasattr(model, "get_classifier") else None
+    planned: Dict[int, nn.Module] = {}  # id(old) -> new: a layer shared by several parents maps to one new layer
+    for name, module in model.named_modules():
+        if not name or id(module) in planned:
+            continue
+        if _already_standardized(module):
+            report.skipped[name] = f"already weight-standardized ({type(module).__name__})"
+        elif type(module) in (nn.Conv2d, Conv2dSame, nn.Linear):
+            reason = "the model's classifier (policy.skip_classifier)" if module is classifier \
+                else policy.reason_to_skip(name, module)
+            if reason is not None:
+                report.skipped[name] = reason
+                continue
+            planned[id(module)] = new = _ws_twin(module, style, eps)
+            report.converted[name] = f"{_describe(module)} -> {_describe(new)}"
+        elif isinstance(module, (nn.Conv2d, nn.Linear)):
+            report.skipped[name] = f"{type(module).__name__} subclasses {type(module).__mro__[1].__name__} " \
+                                   "with its own forward; not converted"
+        elif norm == "gn" and _is_swappable_batchnorm(module):
+            planned[id(module)] = new = _groupnorm_twin(module, gn_groups)
+            report.norms[name] = f"{_describe(module)} -> {_describe(new)}"
+            report.dropped_keys += [f"{name}.{key}" for key, _ in module.named_buffers(recurse=False)]
+    replace_modules(model, lambda name, child: planned.get(id(child)))
+    return report
 
 
 def convert_convs_to_ws(
@@ -20,42 +215,31 @@ def convert_convs_to_ws(
     skip_depthwise: bool = True,
     exclude: Iterable[str] = (),
 ) -> List[str]:
-    """Replace every eligible ``nn.Conv2d`` under ``module`` by a :class:`WSConv2d` holding the same
-    parameters; returns the converted names.
+    """Shorthand for :func:`convert_to_ws` on convolutions only; returns the converted names."""
+    policy = WSPolicy(min_fan_in=min_fan_in, skip_depthwise=skip_depthwise, skip=tuple(exclude))
+    return list(convert_to_ws(module, style, policy, eps=eps).converted)
 
-    Skipped: layers already standardized, fan-in below ``min_fan_in``, depthwise convs (their k*k
-    fan-in is too small for stable statistics) unless ``skip_depthwise=False``, names in ``exclude``
-    (e.g. final prediction convs, which GN+WS recipes keep plain).
-    """
-    excluded = set(exclude)
 
-    def to_ws(name: str, conv: nn.Module) -> Optional[nn.Module]:
-        if type(conv) is not nn.Conv2d or name in excluded:
-            return None
-        depthwise = conv.groups > 1 and conv.groups == conv.in_channels
-        if fan_in_of(conv.weight) < min_fan_in or (skip_depthwise and depthwise):
-            return None
-        ws = WSConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                      padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                      bias=conv.bias is not None, style=style, eps=eps, device="meta")
-        ws.padding_mode = conv.padding_mode
-        ws.weight, ws.bias = conv.weight, conv.bias  # share, don't copy: keys and values unchanged
-        return ws
-
-    return replace_modules(module, to_ws)
+def batchnorm_to_groupnorm(module: nn.Module, groups: int = 32) -> int:
+    """Replace every BatchNorm2d under ``module`` by GroupNorm (``groups``, or the largest divisor of the
+    width below it) sharing its affine parameters; returns the count."""
+    return len(replace_modules(module, lambda name, child: _groupnorm_twin(child, groups)
+                               if _is_swappable_batchnorm(child) else None))
 
 
 def replace_modules(root: nn.Module, replace: Callable[[str, nn.Module], Optional[nn.Module]]) -> List[str]:
     """Call ``replace(name, child)`` on every module under ``root`` (not ``root`` itself) and put what it
     returns in the child's place (``None`` keeps the child); returns the replaced names, in order.
 
-    A child shared by several parents is offered once per parent; the subtree of a replaced child is not
-    visited."""
+    A child registered in several places is offered at each of them; the subtree of a replaced child is
+    not visited."""
     replaced: List[str] = []
     for parent_name, parent in list(root.named_modules()):
         if any(parent_name == r or parent_name.startswith(r + ".") for r in replaced):
             continue
-        for child_name, child in list(parent.named_children()):
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
+                continue
             full = f"{parent_name}.{child_name}" if parent_name else child_name
             new = replace(full, child)
             if new is not None:
