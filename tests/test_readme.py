@@ -17,4 +17,7 @@ def test_readme_examples_run():
     assert namespace["logits"].shape == (1, 10)
     assert tuple(namespace["features"].shape) == (1, 2048, 7, 7)
     assert (namespace["bit"].pretrained_cfg["input_size"], namespace["bit"].pretrained_cfg["crop_pct"]) == ((3, 448, 448), 1.0)
-    assert namespace["wszoo"].list_models("resnet*")[:3] == ["resnet50_gn_ws", "resnet101_gn_ws", "resnet_mini_bn"]
+    assert namespace["wszoo"].list_models("resnet*")[:3] == ["resnet50_gn_ws", "resnet101_gn_ws", "resnet_mini_bcn_ws"]
+    report = namespace["report"]  # torchvision's ResNet-50 converted to GN+WS in two lines
+    assert (len(report.converted), len(report.skipped), len(report.norms)) == (53, 1, 53)
+    assert str(report).startswith("converted 53 layer(s) to WS, kept 1 plain, replaced 53 norm(s)")

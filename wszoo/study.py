@@ -1,8 +1,9 @@
 """The micro-batch study (``wszoo study microbatch``): the WS paper's claim on real data.
 
-The same small ResNet is trained on Fashion-MNIST with BatchNorm, GroupNorm and GroupNorm + WS at
-batch sizes 1, 2 and 32, every run seeing the same images in the same order for the same number
-of epochs (so batch 1 takes 32x the steps of batch 32). The learning rate follows the linear
+The same small ResNet is trained on Fashion-MNIST with BatchNorm, GroupNorm, GroupNorm + WS and
+Batch-Channel Norm + WS (estimated batch statistics) at batch sizes 1, 2 and 32, every run seeing
+the same images in the same order for the same number of epochs (so batch 1 takes 32x the steps
+of batch 32). The learning rate follows the linear
 scaling rule from ``--lr`` at batch 32. Reported: test top-1 per (norm, batch) and the training
 loss curves (PNG). BatchNorm's batch statistics are meaningless at batch 1-2; GN(+WS) has none.
 """
@@ -26,7 +27,7 @@ from .evaluate import evaluate
 __all__ = ["NORMS", "microbatch_study", "format_table"]
 
 #: study label -> registered architecture
-NORMS = {"bn": "resnet_mini_bn", "gn": "resnet_mini_gn", "gn_ws": "resnet_mini_gn_ws"}
+NORMS = {"bn": "resnet_mini_bn", "gn": "resnet_mini_gn", "gn_ws": "resnet_mini_gn_ws", "bcn_ws": "resnet_mini_bcn_ws"}
 
 
 def _run(arch: str, batch_size: int, train_set, test_set, epochs: int, lr32: float, widths: Sequence[int],

@@ -2,9 +2,11 @@
 
 CIFAR-style (He et al. 2016, section 4.2): a 3x3 stem at full resolution, three stages of basic
 blocks at strides 1, 2, 2, global pooling and a linear classifier. The normalizer is a choice so the
-same network can be compared with BatchNorm, GroupNorm and GroupNorm + WS:
+same network can be compared with BatchNorm, GroupNorm, GroupNorm + WS and Batch-Channel Norm + WS:
 
 * ``resnet_mini_gn_ws``: GroupNorm + WS (``timm`` style), the embedded default's architecture;
+* ``resnet_mini_bcn_ws``: Batch-Channel Norm with estimated batch statistics + WS (``bcn`` style),
+  the BCN paper's micro-batch recipe;
 * ``resnet_mini_gn``: GroupNorm, plain convs;
 * ``resnet_mini_bn``: BatchNorm, plain convs.
 """
@@ -17,7 +19,7 @@ import torch
 import torch.nn as nn
 from timm.layers import ClassifierHead
 
-from ..layers import WSConv2d
+from ..layers import BatchChannelNorm2d, WSConv2d
 from ..registry import register_model
 from ._helpers import ClassifierHeadApi, init_conv_and_norm, checkpoint_blocks
 
@@ -25,12 +27,15 @@ __all__ = ["MiniResNet", "make_norm"]
 
 
 def make_norm(kind: str, gn_groups: int = 8) -> Callable[[int], nn.Module]:
-    """``'bn'`` -> BatchNorm2d, ``'gn'`` -> GroupNorm(gn_groups); ``'bcn'`` once BatchChannelNorm2d exists."""
+    """``'bn'`` -> BatchNorm2d, ``'gn'`` -> GroupNorm(gn_groups), ``'bcn'`` -> BatchChannelNorm2d(gn_groups)
+    with estimated batch statistics (its micro-batch form: a batch of 1 trains like a batch of 32)."""
     if kind == "bn":
         return nn.BatchNorm2d
     if kind == "gn":
         return partial(nn.GroupNorm, gn_groups)
-    raise ValueError(f"unknown norm {kind!r}; choose 'bn' or 'gn'")
+    if kind == "bcn":
+        return partial(BatchChannelNorm2d, num_groups=gn_groups, estimate=True)
+    raise ValueError(f"unknown norm {kind!r}; choose 'bn', 'gn' or 'bcn'")
 
 
 class BasicBlock(nn.Module):
@@ -117,6 +122,14 @@ class MiniResNet(ClassifierHeadApi, nn.Module):
 def resnet_mini_gn_ws(**kwargs) -> MiniResNet:
     """Small ResNet (3 stages of 2 basic blocks, 32-64-128 wide) with GroupNorm(8) + WS: the embedded default."""
     return MiniResNet(norm="gn", ws=True, **kwargs)
+
+
+@register_model
+def resnet_mini_bcn_ws(**kwargs) -> MiniResNet:
+    """The small ResNet with Batch-Channel Norm (estimated statistics, 8 groups) + WS in the BCN repo's
+    ``bcn`` style (micro-batch study)."""
+    kwargs.setdefault("ws_style", "bcn")
+    return MiniResNet(norm="bcn", ws=True, **kwargs)
 
 
 @register_model
