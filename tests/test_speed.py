@@ -190,6 +190,21 @@ def test_torch_compile_trains_and_evaluates(name):
         assert rel_diff(compiled(x), reference(x)) < 1e-5
 
 
+def test_ws_layers_trace_into_one_graph():
+    """A graph break inside a WS layer makes torch.compile split every layer into its own frame and
+    recompile it per weight shape (seen on torch 2.11 with the autocast availability check)."""
+    from wszoo.layers import CWNConv2d, P4WSConv2d, ScaledWSConv2d, WSConv2d, WSLinear
+
+    for layer, x in [(WSConv2d(8, 16, 3, style="qiao"), torch.randn(1, 8, 8, 8)),
+                     (ScaledWSConv2d(8, 16, 3), torch.randn(1, 8, 8, 8)),
+                     (CWNConv2d(8, 16, 3, learnable_scale=True), torch.randn(1, 8, 8, 8)),
+                     (P4WSConv2d(8, 4, 3), torch.randn(1, 8, 4, 8, 8)), (WSLinear(8, 4), torch.randn(2, 8))]:
+        for mode in (True, False):
+            explained = torch._dynamo.explain(layer.train(mode))(x)
+            assert (explained.graph_count, explained.graph_break_count) == (1, 0), (type(layer).__name__, mode,
+                                                                                     explained.break_reasons)
+
+
 def test_channels_last_gives_the_same_forward_and_gradients():
     # float64: in float32 a max-pool tie broken differently by another conv algorithm can reroute a
     # stem gradient, which says nothing about the standardization

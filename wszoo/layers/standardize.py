@@ -196,7 +196,8 @@ def standardize_weight(
         scale = torch.full((weight.shape[0],), const, dtype=w2d.dtype, device=w2d.device) if gain is None \
             else gain.reshape(-1).to(w2d.dtype) * const
     device_type = weight.device.type
-    autocast_off = torch.amp.is_autocast_available(device_type)  # not on e.g. the meta device
+    # (not on e.g. the meta device; cpu/cuda answered without the call, which torch.compile cannot trace)
+    autocast_off = device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type)
     with torch.autocast(device_type=device_type, enabled=False) if autocast_off else contextlib.nullcontext():
         if style in _BATCH_NORM_EXACT:
             out = _batch_norm_rows(w2d, eps, scale)
