@@ -9,10 +9,11 @@ from wszoo.study import format_table, microbatch_study
 def test_study_runs_and_reports(tmp_path, capsys):
     root = make_fashion_mnist(tmp_path / "fm", n_train=48, n_test=40)
     out = tmp_path / "study"
-    assert main(["study", "microbatch", "--data-dir", str(root), "--batch-sizes", "1", "8", "--norms", "bn", "gn_ws",
+    assert main(["study", "microbatch", "--data-dir", str(root), "--batch-sizes", "1", "8", "--norms", "bn", "gn_ws", "bcn_ws",
                  "--epochs", "1", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| norm | batch 1 | batch 8 |" in printed and "| gn_ws |" in printed and "| bn |" in printed
+    assert "| bcn_ws |" in printed
     study = json.loads((out / "microbatch.json").read_text())
     assert study["settings"]["train_images"] == 48
     run = study["runs"]["gn_ws"]["1"]

@@ -217,10 +217,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from .study import format_table, microbatch_study
+    from .study import NORMS, format_table, microbatch_study
 
     study = microbatch_study(
-        data_dir=args.data_dir, batch_sizes=args.batch_sizes, norms=args.norms, train_images=args.train_images,
+        data_dir=args.data_dir, batch_sizes=args.batch_sizes, norms=args.norms or tuple(NORMS),
+        train_images=args.train_images,
         test_images=args.test_images, epochs=args.epochs, lr=args.lr, seed=args.seed, output=args.output,
     )
     print(format_table(study))
@@ -320,11 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="a previous --output directory to continue from")
     p.set_defaults(func=_cmd_finetune)
 
-    p = sub.add_parser("study", help="reproducible studies; 'microbatch': BN vs GN vs GN+WS at batch 1, 2, 32")
+    p = sub.add_parser("study", help="reproducible studies; 'microbatch': BN vs GN vs GN+WS vs BCN+WS at batch 1, 2, 32")
     p.add_argument("name", choices=["microbatch"])
     p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 32])
-    p.add_argument("--norms", nargs="+", default=["bn", "gn", "gn_ws"])
+    p.add_argument("--norms", nargs="+", default=None,
+                   help="default all: bn, gn, gn_ws, bcn_ws (Batch-Channel Norm with estimated statistics + WS)")
     p.add_argument("--train-images", type=int, default=None, help="subset: first N training images (default all)")
     p.add_argument("--test-images", type=int, default=None)
     p.add_argument("--epochs", type=int, default=1)
