@@ -162,3 +162,16 @@ def test_converted_model_trains_folds_and_reports_through_the_top_level_api():
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(wszoo.fold_ws(model)(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_subclasses_are_reported_not_converted():
+    class Custom(nn.Conv2d):
+        pass
+
+    model = nn.Sequential(Custom(3, 4, 3), nn.MultiheadAttention(8, 2))
+    report = convert_to_ws(model, policy=WSPolicy(linear=True))
+    assert report.skipped == {
+        "0": "Custom is a subclass of Conv2d; only exact nn.Conv2d layers are converted",
+        "1.out_proj": "NonDynamicallyQuantizableLinear is a subclass of Linear; only exact nn.Linear layers are converted",
+    }
+    assert not report.converted and type(model[0]) is Custom

@@ -121,5 +121,7 @@ def test_bad_arguments_and_inputs_are_named():
         P4WSConv2d(3, 4, 3)(torch.randn(1, 3, 8, 8))
     with pytest.raises(ValueError, match=r"lifting p4 layer takes \(N, 3, H, W\)"):
         P4WSConv2d(3, 4, 3, lifting=True)(torch.randn(1, 3, 4, 8, 8))
+    with pytest.raises(ValueError, match="stride must be an int >= 1"):
+        P4WSConv2d(3, 4, 3, stride=(1, 2))
     with pytest.raises(ValueError, match="fan-in of at least 2"):
         P4WSConv2d(1, 4, 1, lifting=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch.nn as nn
-from timm.layers import Conv2dSame
+from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 from timm.layers import GroupNormAct as TimmGroupNormAct
 from timm.layers.norm_act import BatchNormAct2d as TimmBatchNormAct2d
 
@@ -136,8 +136,6 @@ def _is_swappable_batchnorm(module: nn.Module) -> bool:
 
 
 def _already_standardized(module: nn.Module) -> bool:
-    from timm.layers import ScaledStdConv2d, StdConv2d, StdConv2dSame, ScaledStdConv2dSame
-
     return is_ws_layer(module) or isinstance(module, (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame))
 
 
@@ -197,8 +195,9 @@ def convert_to_ws(
             planned[id(module)] = new = _ws_twin(module, style, eps)
             report.converted[name] = f"{_describe(module)} -> {_describe(new)}"
         elif isinstance(module, (nn.Conv2d, nn.Linear)):
-            report.skipped[name] = f"{type(module).__name__} subclasses {type(module).__mro__[1].__name__} " \
-                                   "with its own forward; not converted"
+            base = "Linear" if isinstance(module, nn.Linear) else "Conv2d"
+            report.skipped[name] = f"{type(module).__name__} is a subclass of {base}; only exact nn.{base} " \
+                                   "layers are converted"
         elif norm == "gn" and _is_swappable_batchnorm(module):
             planned[id(module)] = new = _groupnorm_twin(module, gn_groups)
             report.norms[name] = f"{_describe(module)} -> {_describe(new)}"

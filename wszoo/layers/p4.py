@@ -90,6 +90,10 @@ class P4Conv2d(nn.Module):
             raise ValueError(f"p4 convolutions need an odd square kernel (an int), got kernel_size={kernel_size!r}")
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"channels must be positive, got in_channels={in_channels}, out_channels={out_channels}")
+        for arg, value, least in (("stride", stride, 1), ("dilation", dilation, 1), ("padding", padding, 0)):
+            if value is not None and (not isinstance(value, int) or value < least):
+                raise ValueError(f"{arg} must be an int >= {least} (the same along both axes, or rotations would "
+                                 f"not map the sampling grid to itself), got {value!r}")
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.lifting = bool(lifting)
         self.stride, self.dilation = stride, dilation
