@@ -175,3 +175,43 @@ def test_subclasses_are_reported_not_converted():
         "1.out_proj": "NonDynamicallyQuantizableLinear is a subclass of Linear; only exact nn.Linear layers are converted",
     }
     assert not report.converted and type(model[0]) is Custom
+
+
+@pytest.mark.parametrize("builder", ["resnext50_32x4d", "efficientnet_b0", "mobilenet_v3_small", "convnext_tiny"])
+def test_torchvision_families_convert_keep_keys_and_train(builder):
+    torch.manual_seed(3)
+    model = getattr(torchvision.models, builder)(num_classes=5)
+    keys = list(model.state_dict())
+    report = convert_to_ws(model, style="timm")
+    assert report.converted and list(model.state_dict()) == keys
+    grouped = [n for n, m in model.named_modules() if isinstance(m, WSConv2d) and m.groups > 1]
+    if builder == "resnext50_32x4d":
+        assert len(grouped) == 16  # the 3x3 group convs (32 groups) are standardized per filter
+    assert not any(isinstance(m, WSConv2d) and m.groups == m.in_channels > 1 for m in model.modules())
+    report = convert_to_ws(model, norm="gn")  # converting again: WS layers stay, BatchNorms go
+    assert not report.converted and all("already weight-standardized" in r or "linear" in r or "depthwise" in r
+                                        for r in report.skipped.values())
+    out = model(torch.randn(2, 3, 64, 64))
+    F.cross_entropy(out, torch.tensor([0, 4])).backward()
+    assert out.shape == (2, 5) and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_layers_with_hooks_or_computed_weights_are_left_alone():
+    from torch.nn.utils import weight_norm
+
+    hooked, normed = nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3)
+    hooked.register_forward_hook(lambda *args: None)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old-style weight_norm is deprecated
+        weight_norm(normed)
+    model = nn.Sequential(hooked, normed, nn.Conv2d(4, 4, 3))
+    report = convert_to_ws(model)
+    reason = "has hooks or a computed weight (e.g. weight_norm, spectral_norm); a WS twin would drop them"
+    assert report.skipped == {"0": reason, "1": reason} and list(report.converted) == ["2"]
+    assert model[0] is hooked and model[1] is normed
+    bn = nn.BatchNorm2d(4)
+    bn.register_forward_pre_hook(lambda *args: None)
+    report = convert_to_ws(nn.Sequential(nn.Conv2d(4, 4, 3), bn), norm="gn")
+    assert report.skipped == {"1": "BatchNorm with hooks; a GroupNorm in its place would drop them"} and not report.norms

@@ -135,6 +135,13 @@ def _is_swappable_batchnorm(module: nn.Module) -> bool:
     return type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm, TimmBatchNormAct2d)
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Hooks (old-style weight_norm/spectral_norm, observers, users') would be lost with the module."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, "_backward_pre_hooks", None) or module._state_dict_hooks
+                or module._load_state_dict_pre_hooks)
+
+
 def _already_standardized(module: nn.Module) -> bool:
     return is_ws_layer(module) or isinstance(module, (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame))
 
@@ -187,8 +194,12 @@ def convert_to_ws(
         if _already_standardized(module):
             report.skipped[name] = f"already weight-standardized ({type(module).__name__})"
         elif type(module) in (nn.Conv2d, Conv2dSame, nn.Linear):
-            reason = "the model's classifier (policy.skip_classifier)" if module is classifier \
-                else policy.reason_to_skip(name, module)
+            if module is classifier:
+                reason: Optional[str] = "the model's classifier (policy.skip_classifier)"
+            elif _has_hooks(module) or not isinstance(module.weight, nn.Parameter):
+                reason = "has hooks or a computed weight (e.g. weight_norm, spectral_norm); a WS twin would drop them"
+            else:
+                reason = policy.reason_to_skip(name, module)
             if reason is not None:
                 report.skipped[name] = reason
                 continue
@@ -198,6 +209,8 @@ def convert_to_ws(
             base = "Linear" if isinstance(module, nn.Linear) else "Conv2d"
             report.skipped[name] = f"{type(module).__name__} is a subclass of {base}; only exact nn.{base} " \
                                    "layers are converted"
+        elif norm == "gn" and _is_swappable_batchnorm(module) and _has_hooks(module):
+            report.skipped[name] = "BatchNorm with hooks; a GroupNorm in its place would drop them"
         elif norm == "gn" and _is_swappable_batchnorm(module):
             planned[id(module)] = new = _groupnorm_twin(module, gn_groups)
             report.norms[name] = f"{_describe(module)} -> {_describe(new)}"
