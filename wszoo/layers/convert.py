@@ -166,7 +166,8 @@ def convert_to_ws(
     standardized: fine-tune it.
 
     Everything is checked and built before anything is replaced, so an error leaves ``model`` as it was.
-    Subclasses of ``nn.Conv2d``/``nn.Linear`` with their own forward are left alone and reported.
+    Left alone and reported: layers already standardized, subclasses of ``nn.Conv2d``/``nn.Linear``,
+    layers with hooks or computed weights (``weight_norm``, ``spectral_norm``), and what ``policy`` skips.
 
     Example (torchvision's ResNet-50 to GN+WS)::
 
