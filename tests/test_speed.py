@@ -151,6 +151,7 @@ def test_accumulate_ws_applies_nothing_on_error_and_refuses_misuse():
 
 def test_finetune_accum_steps_uses_accumulate_ws(monkeypatch, tmp_path):
     from wszoo import train
+    from wszoo.cli import build_parser
 
     from .data_fixtures import make_fashion_mnist
 
@@ -163,7 +164,7 @@ def test_finetune_accum_steps_uses_accumulate_ws(monkeypatch, tmp_path):
         return real(model)
 
     monkeypatch.setattr(train, "accumulate_ws", spy)
-    args = wszoo.cli.build_parser().parse_args([
+    args = build_parser().parse_args([
         "finetune", "--model", "resnet_mini_gn_ws", "--dataset", "fashion-mnist", "--data-dir", str(data),
         "--img-size", "16", "--epochs", "1", "-b", "1", "--accum-steps", "3", "--aug", "none",
         "--output", str(tmp_path / "out"), "--log-interval", "0"])
