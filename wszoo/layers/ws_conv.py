@@ -28,7 +28,7 @@ class _WSMixin:
 
     - inside :func:`wszoo.accumulate_ws`, the one computed when the context was entered;
     - in eval mode when no gradient reaches the WS parameters, a cached one, reused until any of
-      :meth:`_ws_inputs` changes (data pointer or version counter; the version counter moves on every
+      :meth:`_ws_dependencies` changes (data pointer or version counter; the version counter moves on every
       in-place edit, optimizer step and ``load_state_dict``, ``.to()`` makes new storages), so it is
       never stale;
     - under ``torch.compile``, the traced standardization (no Python-side state in the graph);
@@ -57,14 +57,11 @@ class _WSMixin:
         """``gain``/``gamma`` for :func:`standardize_weight` (layers of the :data:`GAIN_STYLES` override it)."""
         return {}
 
-    def _ws_inputs(self) -> Tuple[torch.Tensor, ...]:
-        """The tensors :meth:`standardized_weight` depends on."""
-        return (self.weight,) + tuple(v for v in self._ws_scale_kwargs().values() if isinstance(v, torch.Tensor))
-
-    def _ws_settings(self) -> Tuple:
-        """The non-tensor settings :meth:`standardized_weight` depends on (part of the cache key)."""
-        extra = tuple(v for v in self._ws_scale_kwargs().values() if not isinstance(v, torch.Tensor))
-        return (self.ws_style, self.ws_eps) + extra
+    def _ws_dependencies(self) -> Tuple[Tuple[torch.Tensor, ...], Tuple]:
+        """What :meth:`standardized_weight` depends on: its tensors, and its other settings (the cache key)."""
+        scale = self._ws_scale_kwargs().values()
+        tensors = (self.weight,) + tuple(v for v in scale if isinstance(v, torch.Tensor))
+        return tensors, (self.ws_style, self.ws_eps) + tuple(v for v in scale if not isinstance(v, torch.Tensor))
 
     def _forward_weight(self) -> torch.Tensor:
         if torch.compiler.is_compiling():  # traced: no Python-side state, the graph standardizes
@@ -74,12 +71,12 @@ class _WSMixin:
             return accumulated
         if self.training:
             return self.standardized_weight()
-        inputs = self._ws_inputs()
+        inputs, settings = self._ws_dependencies()
         if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
             return self.standardized_weight()
         # dtype/device changes give a new storage, and the cache holds the old one alive, so the pointer
         # alone tells storages apart
-        key = tuple((t.data_ptr(), t._version) for t in inputs) + self._ws_settings()
+        key = tuple((t.data_ptr(), t._version) for t in inputs) + settings
         cached = self.__dict__.get("_ws_cache")  # one read: another thread may swap it meanwhile
         # An inference tensor (made under inference_mode) must not be saved for backward: reuse it only
         # while autograd is off.
