@@ -13,31 +13,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import wszoo
+from wszoo.bench import _interleaved, _train_step
 
 
 def step_fn(model, images, targets):
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(images), targets).backward()
-        opt.step()
-    return step
-
-
-def best_of(fns, repeats=10):
-    best = {k: float("inf") for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            best[name] = min(best[name], (time.perf_counter() - t) * 1e3)
-    return best
+    return _train_step(model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), images, targets)
 
 
 def main(out_dir: str, models) -> int:
@@ -49,7 +31,7 @@ def main(out_dir: str, models) -> int:
         ws = wszoo.create_model(name).to(dev).train()
         plain = wszoo.fold_ws(ws).train()
         size = ws.pretrained_cfg["input_size"][-1]
-        images = torch.randn(32, 3, size, size, device=dev)
+        images = torch.randn(32, ws.in_chans, size, size, device=dev)
         targets = torch.randint(0, ws.num_classes, (32,), device=dev)
         fns = {"ws_eager": step_fn(ws, images, targets), "plain_eager": step_fn(plain, images, targets)}
         compiled = {"ws_compiled": torch.compile(ws), "plain_compiled": torch.compile(plain)}
@@ -59,10 +41,8 @@ def main(out_dir: str, models) -> int:
             for _ in range(3):  # compile + warm up
                 fns[key]()
         compile_s = time.perf_counter() - t0
-        for fn in fns.values():
-            fn()
-        best = best_of(fns)
-        entry = {k: round(v, 2) for k, v in best.items()}
+        best = _interleaved(fns, repeats=10, warmup=1, device=dev)
+        entry = {k: round(v * 1e3, 2) for k, v in best.items()}
         entry["eager_ws_vs_plain"] = round(best["ws_eager"] / best["plain_eager"], 3)
         entry["compiled_ws_vs_plain"] = round(best["ws_compiled"] / best["plain_compiled"], 3)
         entry["compile_and_warmup_s"] = round(compile_s, 1)
