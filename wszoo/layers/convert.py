@@ -210,9 +210,10 @@ def convert_to_ws(
             base = "Linear" if isinstance(module, nn.Linear) else "Conv2d"
             report.skipped[name] = f"{type(module).__name__} is a subclass of {base}; only exact nn.{base} " \
                                    "layers are converted"
-        elif norm == "gn" and _is_swappable_batchnorm(module) and _has_hooks(module):
-            report.skipped[name] = "BatchNorm with hooks; a GroupNorm in its place would drop them"
         elif norm == "gn" and _is_swappable_batchnorm(module):
+            if _has_hooks(module):
+                report.skipped[name] = "BatchNorm with hooks; a GroupNorm in its place would drop them"
+                continue
             planned[id(module)] = new = _groupnorm_twin(module, gn_groups)
             report.norms[name] = f"{_describe(module)} -> {_describe(new)}"
             report.dropped_keys += [f"{name}.{key}" for key, _ in module.named_buffers(recurse=False)]
