@@ -188,9 +188,11 @@ def convert_to_ws(
 
     report = ConversionReport()
     classifier = model.get_classifier() if policy.skip_classifier and hasattr(model, "get_classifier") else None
-    planned: Dict[int, nn.Module] = {}  # id(old) -> new: a layer shared by several parents maps to one new layer
+    # id(old) -> new; named_modules() yields a layer registered in several places once, and replace_modules
+    # then puts the same new layer in each of them
+    planned: Dict[int, nn.Module] = {}
     for name, module in model.named_modules():
-        if not name or id(module) in planned:
+        if not name:
             continue
         if _already_standardized(module):
             report.skipped[name] = f"already weight-standardized ({type(module).__name__})"
