@@ -7,8 +7,6 @@
 - :func:`accumulate_ws`: standardize once per optimizer step instead of once per micro-batch.
 - :func:`tune_cpu_allocator`: keep glibc from handing large freed blocks back to the OS every step.
 """
-from __future__ import annotations
-
 import contextlib
 import copy
 import ctypes
@@ -19,8 +17,8 @@ from typing import Iterator, List, Tuple
 import torch
 import torch.nn as nn
 
-from .layers.convert import replace_modules
-from .layers.ws_conv import is_ws_layer
+from .layers.retrofit import replace_modules
+from .layers.ws_layer import WSLayer, is_ws_layer
 
 __all__ = ["fold_ws", "accumulate_ws", "ws_layers", "tune_cpu_allocator"]
 
@@ -62,18 +60,15 @@ def accumulate_ws(model: nn.Module) -> Iterator[nn.Module]:
                 (loss_fn(model(images), targets) / len(micro_batches)).backward()
         optimizer.step()
     """
-    layers = [layer for _, layer in ws_layers(model)]
-    if any("_ws_accumulated" in layer.__dict__ for layer in layers):
+    layers: List[WSLayer] = [layer for _, layer in ws_layers(model)]  # type: ignore[misc]
+    if any(layer.is_accumulating for layer in layers):
         raise RuntimeError("accumulate_ws: this model is already inside an accumulate_ws block")
     if not torch.is_grad_enabled():
         raise RuntimeError("accumulate_ws: gradients are disabled here (torch.no_grad?); nothing would accumulate")
     pairs = []
     try:
         for layer in layers:
-            weight = layer.standardized_weight()  # type: ignore[operator]
-            stand_in = weight.detach().requires_grad_(weight.requires_grad)
-            layer.__dict__["_ws_accumulated"] = stand_in
-            pairs.append((weight, stand_in))
+            pairs.append(layer.start_accumulation())
         yield model
         outputs = [w for w, s in pairs if s.grad is not None]
         grads = [s.grad for w, s in pairs if s.grad is not None]
@@ -81,7 +76,7 @@ def accumulate_ws(model: nn.Module) -> Iterator[nn.Module]:
             torch.autograd.backward(outputs, grads)
     finally:
         for layer in layers:
-            layer.__dict__.pop("_ws_accumulated", None)
+            layer.stop_accumulation()
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3

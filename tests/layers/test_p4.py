@@ -6,7 +6,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import wszoo
-from wszoo.layers import P4Conv2d, P4OrientationPool, P4WSConv2d, WS_STYLES, p4_filter_bank, rotate_p4, standardize_weight
+from wszoo.layers import (
+    WS_STYLES,
+    P4Conv2d,
+    P4OrientationPool,
+    P4WSConv2d,
+    p4_filter_bank,
+    rotate_p4,
+    standardize_weight,
+)
 
 
 def _net(style="timm"):
@@ -97,7 +105,7 @@ def test_fold_cache_and_accumulate_work_on_p4_layers():
     assert isinstance(folded[0], P4Conv2d) and not isinstance(folded[0], P4WSConv2d)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), net(x), rtol=1e-5, atol=1e-5)
-        assert net[0]._forward_weight() is net[0]._forward_weight()  # cached in eval
+        assert net[0].forward_weight() is net[0].forward_weight()  # cached in eval
     net.train()
     net(x).square().mean().backward()
     direct = [p.grad.clone() for p in net.parameters()]
@@ -106,7 +114,7 @@ def test_fold_cache_and_accumulate_work_on_p4_layers():
         net(x[:1]).square().mean().mul(0.5).backward()
         net(x[1:]).square().mean().mul(0.5).backward()
     # GroupNorm is per sample, so two half-batches give the batch's gradient
-    for g, p in zip(direct, net.parameters()):
+    for g, p in zip(direct, net.parameters(), strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
 
 

@@ -6,7 +6,15 @@ import torch.nn.functional as F
 from timm.layers import StdConv2d, StdConv2dSame
 
 from wszoo.layers import (
-    CWNConv2d, CWNLinear, GroupNormAct, ScaledWSConv2d, WSConv2d, WSConv2dSame, WSLinear, get_act_layer, is_ws_layer,
+    CWNConv2d,
+    CWNLinear,
+    GroupNormAct,
+    ScaledWSConv2d,
+    WSConv2d,
+    WSConv2dSame,
+    WSLinear,
+    get_act_layer,
+    is_ws_layer,
 )
 
 from .test_standardize import REFERENCES, ref_cwn
@@ -158,16 +166,17 @@ def _eval_conv(**kw):
 def _fresh(layer, x):
     """What the layer computes without any cache: the conv with a freshly standardized weight."""
     with torch.no_grad():
-        return layer._conv_forward(x, layer.standardized_weight(), layer.bias)
+        return F.conv2d(x, layer.standardized_weight(), layer.bias, layer.stride, layer.padding, layer.dilation,
+                        layer.groups)
 
 
 def test_eval_cache_is_reused_until_the_weight_changes():
     conv, x = _eval_conv(style="qiao"), torch.randn(1, 6, 5, 5)
     with torch.no_grad():
-        first = conv._forward_weight()
-        assert conv._forward_weight() is first, "an unchanged weight must not be standardized again"
+        first = conv.forward_weight()
+        assert conv.forward_weight() is first, "an unchanged weight must not be standardized again"
         conv.weight.mul_(2.0).add_(0.1)  # in-place edit: version counter moves
-        assert conv._forward_weight() is not first
+        assert conv.forward_weight() is not first
         assert torch.equal(conv(x), _fresh(conv, x))
 
 
@@ -205,17 +214,17 @@ def test_no_cache_in_train_mode_or_when_grads_reach_the_weight():
     conv, x = _eval_conv(), torch.randn(1, 6, 5, 5)
     with torch.no_grad():
         conv(x)
-    assert "_ws_cache" in conv.__dict__
+    assert conv.cached_weight() is not None
     conv.train()
-    assert "_ws_cache" not in conv.__dict__, "switching to train must free the cache"
+    assert conv.cached_weight() is None, "switching to train must free the cache"
     conv(x)
-    assert "_ws_cache" not in conv.__dict__
+    assert conv.cached_weight() is None
     conv.eval()
     out = conv(x)  # eval with grad enabled and a trainable weight: gradient must reach it
-    assert "_ws_cache" not in conv.__dict__
+    assert conv.cached_weight() is None
     out.sum().backward()
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
-    assert "_ws_cache" not in conv.state_dict() and set(conv.state_dict()) == {"weight", "bias"}
+    assert set(conv.state_dict()) == {"weight", "bias"}
 
 
 def test_inference_mode_cache_is_not_saved_for_backward():
@@ -223,10 +232,10 @@ def test_inference_mode_cache_is_not_saved_for_backward():
     x = torch.randn(1, 6, 5, 5, requires_grad=True)
     with torch.inference_mode():
         conv(x.detach())
-    assert conv.__dict__["_ws_cache"][2].is_inference()
+    assert conv.cached_weight().is_inference()
     conv(x).sum().backward()  # frozen layer, grad wanted for the input: must not reuse the inference tensor
     assert x.grad is not None
-    assert not conv.__dict__["_ws_cache"][2].is_inference()
+    assert not conv.cached_weight().is_inference()
 
 
 def test_cache_is_not_pickled_or_deep_copied():
@@ -237,7 +246,7 @@ def test_cache_is_not_pickled_or_deep_copied():
     with torch.no_grad():
         conv(x)
     for clone in (copy.deepcopy(conv), pickle.loads(pickle.dumps(conv))):
-        assert "_ws_cache" not in clone.__dict__
+        assert clone.cached_weight() is None
         with torch.no_grad():
             assert torch.equal(clone(x), conv(x))
 
@@ -249,9 +258,7 @@ def test_cache_is_thread_safe():
     net = nn.Sequential(*[WSConv2d(8, 8, 3, style=s) for s in ("timm", "qiao", "bcn", "timm")]).eval()
     inputs = [torch.randn(1, 8, 6, 6) for _ in range(8)]
     with torch.no_grad():
-        expected = [net[3]._conv_forward(net[2]._conv_forward(net[1]._conv_forward(net[0]._conv_forward(
-            x, net[0].standardized_weight(), None), net[1].standardized_weight(), None),
-            net[2].standardized_weight(), None), net[3].standardized_weight(), None) for x in inputs]
+        expected = [_fresh(net[3], _fresh(net[2], _fresh(net[1], _fresh(net[0], x)))) for x in inputs]
     errors = []
 
     def worker(k):

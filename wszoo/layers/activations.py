@@ -3,9 +3,7 @@
 Gamma is chosen so that ``gamma * act(z)`` has unit variance for ``z ~ N(0, 1)``; these constants are
 the ones of the NF-ResNet paper (Brock et al. 2021) as published in timm's ``nfnet.py``.
 """
-from __future__ import annotations
-
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -53,7 +51,7 @@ _FUNCTIONS: dict = {
 class GammaAct(nn.Module):
     """``gamma * act(x)``; ``gamma=None`` takes the activation's constant from :data:`NONLIN_GAMMA`."""
 
-    def __init__(self, act: str = "relu", gamma: "float | None" = None) -> None:
+    def __init__(self, act: str = "relu", gamma: Optional[float] = None) -> None:
         super().__init__()
         if act not in _FUNCTIONS:
             raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(sorted(_FUNCTIONS))}")
@@ -68,7 +66,7 @@ class GammaAct(nn.Module):
         return f"act={self.act}, gamma={self.gamma:g}"
 
 
-def act_with_gamma(act: str, gamma: "float | None" = None) -> Callable[..., GammaAct]:
+def act_with_gamma(act: str, gamma: Optional[float] = None) -> Callable[..., GammaAct]:
     """A factory building :class:`GammaAct` modules (``inplace`` is accepted and ignored)."""
 
     def make(inplace: bool = False) -> GammaAct:

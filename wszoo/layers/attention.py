@@ -3,8 +3,6 @@
 Both rescale channels by ``sigmoid(g(mean_hw(x)))``; module and parameter names are timm's
 (``fc1``/``fc2`` for SE, ``conv`` for ECA) so timm checkpoints load.
 """
-from __future__ import annotations
-
 import math
 from typing import Optional
 

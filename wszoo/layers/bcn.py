@@ -10,8 +10,6 @@ batches and keeps working at micro-batches, where the batch step uses *estimated
 State-dict layout follows the reference code (``bn.*`` plus per-group ``weight``/``bias`` of shape
 ``(1, num_groups, 1)``) so its checkpoints load.
 """
-from __future__ import annotations
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

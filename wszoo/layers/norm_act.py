@@ -3,8 +3,6 @@
 GN is the activation normalizer WS is paired with: it needs no batch statistics, so it behaves the
 same at batch 1, in eval, and across devices without synchronization.
 """
-from __future__ import annotations
-
 from typing import Callable, Optional, Type, Union
 
 import torch

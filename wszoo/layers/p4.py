@@ -14,8 +14,6 @@ equivariant. GroupNorm over ``(N, C, 4, H, W)`` (``nn.GroupNorm`` takes it as is
 statistics over the orientations too and keeps equivariance; :class:`P4OrientationPool` makes a
 map invariant to the rotations.
 """
-from __future__ import annotations
-
 import math
 from typing import Optional
 
@@ -23,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ws_conv import _WSMixin
+from .ws_layer import WSLayer
 
 __all__ = ["P4Conv2d", "P4WSConv2d", "P4OrientationPool", "p4_filter_bank", "rotate_p4"]
 
@@ -135,7 +133,7 @@ class P4Conv2d(nn.Module):
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}")
 
 
-class P4WSConv2d(_WSMixin, P4Conv2d):
+class P4WSConv2d(WSLayer, P4Conv2d):
     """:class:`P4Conv2d` whose base filters are standardized per output filter over the orbit fan-in
     before the rotated bank is built, so the layer stays exactly equivariant. Takes
     :class:`P4Conv2d`'s arguments plus ``style``/``eps`` (see :func:`wszoo.layers.standardize_weight`).
@@ -158,18 +156,18 @@ class P4WSConv2d(_WSMixin, P4Conv2d):
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, lifting=lifting, stride=stride, padding=padding,
                          dilation=dilation, bias=bias, device=device, dtype=dtype)
-        self._init_ws(style, eps)
+        self.init_ws(style, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._p4_forward(x, self._forward_weight())
+        return self._p4_forward(x, self.forward_weight())
 
     def folded(self) -> nn.Module:
         plain = P4Conv2d(self.in_channels, self.out_channels, self.kernel_size, lifting=self.lifting,
                          stride=self.stride, padding=self.padding, dilation=self.dilation, bias=False, device="meta")
-        return self._folded_params_into(plain)
+        return self.folded_params_into(plain)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + self._ws_repr()
+        return super().extra_repr() + self.ws_repr()
 
 
 class P4OrientationPool(nn.Module):

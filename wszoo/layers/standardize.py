@@ -17,11 +17,10 @@ style            formula                                                      us
 
 The two *scaled* styles (Scaled WS, Brock et al. 2021) take a per-filter ``gain`` and a constant
 ``gamma`` (the activation's variance-preserving gain, when it is folded into the conv); ``cwn`` takes
-them too (its learnable per-filter scale and its fixed filter norm); the others take neither. (BiT models use ``timm`` with eps 1e-8.) The statistics are always computed in float32, also under
+them too (its learnable per-filter scale and its fixed filter norm); the others take neither. (BiT models use
+``timm`` with eps 1e-8.) The statistics are always computed in float32, also under
 fp16/bf16 autocast (float64 weights in float64), and the result is returned in the weight's own dtype.
 """
-from __future__ import annotations
-
 import contextlib
 from typing import Callable, Dict, Optional, Tuple
 
@@ -133,7 +132,9 @@ SCALED_STYLES = ("timm_scaled", "deepmind")
 GAIN_STYLES = SCALED_STYLES + ("cwn",)
 
 #: Each style's eps in its upstream layer (``timm``: the StdConv2d default; BiT overrides it to 1e-8).
-DEFAULT_EPS: Dict[str, float] = {"timm": 1e-6, "qiao": 1e-5, "bcn": 1e-5, "timm_scaled": 1e-5, "deepmind": 1e-4, "cwn": 1e-8}
+DEFAULT_EPS: Dict[str, float] = {
+    "timm": 1e-6, "qiao": 1e-5, "bcn": 1e-5, "timm_scaled": 1e-5, "deepmind": 1e-4, "cwn": 1e-8,
+}
 
 
 def check_style(style: str) -> str:
@@ -181,10 +182,12 @@ def standardize_weight(
     if not scaled and (gain is not None or gamma != 1.0):
         raise ValueError(f"gain/gamma apply to the styles {GAIN_STYLES}, not to {style!r}")
     if gain is not None and gain.numel() != weight.shape[0]:
-        raise ValueError(f"gain must have one value per output filter ({weight.shape[0]}), got shape {tuple(gain.shape)}")
+        raise ValueError(f"gain must have one value per output filter ({weight.shape[0]}), "
+                         f"got shape {tuple(gain.shape)}")
     # A channels-last conv weight is standardized in its memory order (the statistics don't care), so
     # no copy is made and the result keeps the layout the conv wants.
-    channels_last = weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+    channels_last = weight.dim() == 4 and not weight.is_contiguous() \
+        and weight.is_contiguous(memory_format=torch.channels_last)
     w2d = (weight.permute(0, 2, 3, 1) if channels_last else weight).reshape(weight.shape[0], fan_in)
     # Statistics in float32 (float64 stays float64) whatever the autocast state or parameter dtype;
     # the caller's conv then runs in the autocast dtype.

@@ -6,8 +6,6 @@ Which layers are standardized is a :class:`WSPolicy`: depthwise convs are skippe
 fan-in is ``k*k``, e.g. 9 weights, too few for stable statistics; the WS-on-a-subset recipes keep
 them plain), as is anything below ``min_fan_in`` or named in ``skip``.
 """
-from __future__ import annotations
-
 import fnmatch
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
@@ -18,7 +16,8 @@ from timm.layers import GroupNormAct as TimmGroupNormAct
 from timm.layers.norm_act import BatchNormAct2d as TimmBatchNormAct2d
 
 from .standardize import check_style, fan_in_of
-from .ws_conv import WSConv2d, WSConv2dSame, WSLinear, is_ws_layer
+from .ws_conv import WSConv2d, WSConv2dSame, WSLinear
+from .ws_layer import is_ws_layer
 
 __all__ = ["WSPolicy", "ConversionReport", "convert_to_ws", "convert_convs_to_ws", "batchnorm_to_groupnorm",
            "replace_modules"]
@@ -53,7 +52,8 @@ class WSPolicy:
         if not all(isinstance(s, str) for s in self.skip):
             raise TypeError(f"skip takes layer names or patterns (strings), got {self.skip!r}")
         if not isinstance(self.min_fan_in, int) or self.min_fan_in < 2:
-            raise ValueError(f"min_fan_in must be an int >= 2 (a single weight standardizes to 0), got {self.min_fan_in!r}")
+            raise ValueError(f"min_fan_in must be an int >= 2 (a single weight standardizes to 0), "
+                             f"got {self.min_fan_in!r}")
 
     def reason_to_skip(self, name: str, layer: nn.Module) -> Optional[str]:
         """Why ``layer`` (a plain conv or linear) stays plain under this policy, or ``None`` to convert it."""

@@ -37,7 +37,8 @@ def test_torchvision_resnet_keeps_keys_and_computes_ws_of_its_weights(style):
     assert list(report.converted) == plain_convs and not report.norms and not report.dropped_keys
     assert report.skipped == {"fc": "linear layer (policy.linear is False)"}
     after = model.state_dict()
-    assert list(after) == list(before) and all(after[k] is before[k] or torch.equal(after[k], before[k]) for k in before)
+    assert list(after) == list(before)
+    assert all(after[k] is before[k] or torch.equal(after[k], before[k]) for k in before)
     assert model.conv1.weight.data_ptr() == before["conv1.weight"].data_ptr(), "parameters shared, not copied"
     seen = _conv_inputs_and_outputs(model, torch.randn(1, 3, 64, 64, dtype=torch.float64))
     assert set(seen) == set(plain_convs)
@@ -172,7 +173,8 @@ def test_subclasses_are_reported_not_converted():
     report = convert_to_ws(model, policy=WSPolicy(linear=True))
     assert report.skipped == {
         "0": "Custom is a subclass of Conv2d; only exact nn.Conv2d layers are converted",
-        "1.out_proj": "NonDynamicallyQuantizableLinear is a subclass of Linear; only exact nn.Linear layers are converted",
+        "1.out_proj": "NonDynamicallyQuantizableLinear is a subclass of Linear; "
+                      "only exact nn.Linear layers are converted",
     }
     assert not report.converted and type(model[0]) is Custom
 
@@ -214,4 +216,5 @@ def test_layers_with_hooks_or_computed_weights_are_left_alone():
     bn = nn.BatchNorm2d(4)
     bn.register_forward_pre_hook(lambda *args: None)
     report = convert_to_ws(nn.Sequential(nn.Conv2d(4, 4, 3), bn), norm="gn")
-    assert report.skipped == {"1": "BatchNorm with hooks; a GroupNorm in its place would drop them"} and not report.norms
+    assert report.skipped == {"1": "BatchNorm with hooks; a GroupNorm in its place would drop them"}
+    assert not report.norms
