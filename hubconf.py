@@ -16,7 +16,7 @@ def _entry_point(name: str):
 
     cfg = _wszoo.get_pretrained_cfg(name)
     tag = f"{name}.{cfg['tag']}" if cfg["tag"] else "none published"
-    family_doc = (_wszoo.registry._entrypoints[name].__doc__ or name).strip().splitlines()[0]
+    family_doc = (_wszoo.registry.model_entrypoint(name).__doc__ or name).strip().splitlines()[0]
     entry.__name__ = entry.__qualname__ = name
     entry.__doc__ = (
         f"{family_doc}\n\n"

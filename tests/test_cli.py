@@ -52,7 +52,8 @@ def test_demo_runs_every_family(capsys):
 
 
 def test_python_dash_m():
-    proc = subprocess.run([sys.executable, "-m", "wszoo", "list", "resnext*"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "wszoo", "list", "resnext*"], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["resnext50_32x4d_gn_ws", "resnext101_32x4d_gn_ws"]
 
@@ -70,13 +71,14 @@ def test_convert_deepmind_nfnet(tmp_path, capsys):
     from safetensors.torch import load_file
 
     import wszoo
-    from tests.test_convert import to_haiku
+    from tests.test_convert_weights import to_haiku
 
     torch.manual_seed(0)
     src = wszoo.create_model("dm_nfnet_f0")
     np.savez(tmp_path / "F0.npz", **to_haiku(src))
     out = tmp_path / "f0.safetensors"
-    assert main(["convert", str(tmp_path / "F0.npz"), "--source", "deepmind-nfnet", "--model", "dm_nfnet_f0", "-o", str(out)]) == 0
+    assert main(["convert", str(tmp_path / "F0.npz"), "--source", "deepmind-nfnet", "--model", "dm_nfnet_f0",
+                 "-o", str(out)]) == 0
     assert f"{sum(p.numel() for p in src.parameters()):,} parameters" in capsys.readouterr().out
     saved = load_file(str(out))
     assert all(torch.equal(saved[k], v) for k, v in src.state_dict().items())
@@ -87,5 +89,6 @@ def test_convert_deepmind_nfnet(tmp_path, capsys):
 
 def test_convert_bad_input(tmp_path, capsys):
     (tmp_path / "x.npz").write_bytes(b"garbage")
-    assert main(["convert", str(tmp_path / "x.npz"), "--source", "deepmind-nfnet", "--model", "dm_nfnet_f0", "-o", str(tmp_path / "o")]) == 2
+    assert main(["convert", str(tmp_path / "x.npz"), "--source", "deepmind-nfnet", "--model", "dm_nfnet_f0",
+                 "-o", str(tmp_path / "o")]) == 2
     assert "neither an .npz nor a pickled Haiku" in capsys.readouterr().err

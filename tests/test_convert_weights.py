@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 import wszoo
 from tests.helpers import randomize_
 from wszoo.checkpoint import CheckpointError
-from wszoo.convert import convert_deepmind_nfnet, haiku_nfnet_to_state_dict, read_haiku_params
-from wszoo.models.nfnet import MODEL_CFGS, NormFreeNet
+from wszoo.convert_weights import convert_deepmind_nfnet, read_haiku_params
+from wszoo.models.nfnet import MODEL_CFGS, NormFreeNet, haiku_params_to_state_dict
 
-TINY_DM = replace(MODEL_CFGS["dm_nfnet_f0"], depths=(1, 2, 1, 1), channels=(32, 64, 96, 128), stem_chs=32,
-                  group_size=16)
+TINY_DM_ARGS = dict(depths=(1, 2, 1, 1), channels=(32, 64, 96, 128), stem_chs=32, group_size=16)
+TINY_DM = replace(MODEL_CFGS["dm_nfnet_f0"], **TINY_DM_ARGS)
 
 
 def to_haiku(model) -> dict:
@@ -69,7 +69,7 @@ def test_npz_round_trip(tiny, tmp_path):
     params = to_haiku(tiny)
     np.savez(tmp_path / "F_tiny_haiku.npz", **params)
     target = NormFreeNet(TINY_DM, num_classes=7).eval()
-    target.load_state_dict(haiku_nfnet_to_state_dict(read_haiku_params(str(tmp_path / "F_tiny_haiku.npz")), target))
+    target.load_state_dict(haiku_params_to_state_dict(read_haiku_params(str(tmp_path / "F_tiny_haiku.npz")), target))
     assert_same_model(target, tiny)
 
 
@@ -83,7 +83,7 @@ def test_deepminds_pickled_release_format(tiny, tmp_path):
     flat = read_haiku_params(str(path))
     assert set(flat) == set(to_haiku(tiny))
     target = NormFreeNet(TINY_DM, num_classes=7).eval()
-    target.load_state_dict(haiku_nfnet_to_state_dict(flat, target))
+    target.load_state_dict(haiku_params_to_state_dict(flat, target))
     assert_same_model(target, tiny)
 
 
@@ -109,11 +109,11 @@ def test_unknown_and_missing_parameters_are_named(tiny):
     params = to_haiku(tiny)
     params["NFNet/~/nf_block_9/~/conv0/w"] = np.zeros((1, 1, 1, 1), np.float32)
     with pytest.raises(CheckpointError, match="no place in NormFreeNet: NFNet/~/nf_block_9/~/conv0/w"):
-        haiku_nfnet_to_state_dict(params, target)
+        haiku_params_to_state_dict(params, target)
     params = to_haiku(tiny)
     del params["NFNet/~/nf_block_2/~/conv1b/gain"]
     with pytest.raises(CheckpointError, match=r"missing keys \(1\): stages.1.1.conv2b.gain"):
-        haiku_nfnet_to_state_dict(params, target)
+        haiku_params_to_state_dict(params, target)
 
 
 def test_real_dm_nfnet_f0_layout_maps_completely():
@@ -123,19 +123,17 @@ def test_real_dm_nfnet_f0_layout_maps_completely():
     params = to_haiku(model)
     assert len(params) == len(model.state_dict())
     assert "NFNet/~/nf_block_11/skip_gain" in params and "NFNet/~/nf_block_3/~/conv_shortcut/w" in params
-    converted = haiku_nfnet_to_state_dict(params, model)
+    converted = haiku_params_to_state_dict(params, model)
     assert all(torch.equal(converted[k], v) for k, v in model.state_dict().items())
 
 
-def test_convert_function_writes_safetensors(tmp_path, monkeypatch):
+def test_convert_function_writes_safetensors(tmp_path):
     torch.manual_seed(0)
     src = randomize_(NormFreeNet(TINY_DM, num_classes=7), seed=12).eval()
     np.savez(tmp_path / "tiny.npz", **to_haiku(src))
-    import wszoo.registry as registry
-
-    monkeypatch.setitem(registry._entrypoints, "tiny_dm_nfnet", lambda **kw: NormFreeNet(TINY_DM, **kw))
-    model = convert_deepmind_nfnet(str(tmp_path / "tiny.npz"), "tiny_dm_nfnet", out=str(tmp_path / "tiny.safetensors"),
-                                   num_classes=7)
+    # dm_nfnet_f0's layout at a tiny size: NFNetConfig fields pass through create_model
+    model = convert_deepmind_nfnet(str(tmp_path / "tiny.npz"), "dm_nfnet_f0", out=str(tmp_path / "tiny.safetensors"),
+                                   num_classes=7, **TINY_DM_ARGS)
     assert_same_model(model.eval(), src)
     saved = load_file(str(tmp_path / "tiny.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in src.state_dict().items())

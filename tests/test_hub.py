@@ -270,7 +270,7 @@ def test_convert_cli_qiao_pth_tar(tmp_path, capsys):
 
 
 def test_weights_only_refuses_code(tmp_path):
-    from wszoo.convert import read_torch_checkpoint
+    from wszoo.checkpoint import read_torch_checkpoint
 
     class Evil:
         def __reduce__(self):
@@ -283,3 +283,54 @@ def test_weights_only_refuses_code(tmp_path):
     (tmp_path / "evil.pth").write_bytes(pickle.dumps({"state_dict": {"a": Evil()}}))
     with pytest.raises(CheckpointError, match="not a loadable weights-only"):
         read_torch_checkpoint(str(tmp_path / "evil.pth"))
+
+
+# --- the saved format round-trips the model as it is at save time ----------------------------------------
+ROUND_TRIPS = {
+    "reset_classifier": lambda: _reset(wszoo.create_model("resnet_mini_gn_ws", num_classes=10), 5, None),
+    "reset_classifier_and_pool": lambda: _reset(wszoo.create_model("nf_regnet_b0", num_classes=4), 3, "catavgmax"),
+    "headless": lambda: wszoo.create_model("resnet_mini_gn_ws", num_classes=0),
+    "reset_to_headless": lambda: _reset(wszoo.create_model("resnet50_gn_ws", num_classes=6), 0, None),
+    "one_channel": lambda: wszoo.create_model("resnetv2_50x1_bit", num_classes=3, in_chans=1),
+}
+
+
+def _reset(model, classes, pool):
+    model.reset_classifier(classes, pool)
+    return model
+
+
+@pytest.mark.parametrize("case", sorted(ROUND_TRIPS))
+@pytest.mark.parametrize("route", ["local-dir", "hf-hub"])
+def test_saved_model_rebuilds_as_it_was_saved(case, route, hf_env, monkeypatch, tmp_path):
+    torch.manual_seed(0)
+    src = randomize_(ROUND_TRIPS[case](), seed=9).eval()
+    out = tmp_path / "saved"
+    save_pretrained(src, str(out))
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_classes"], config["in_chans"]) == (src.num_classes, src.in_chans)
+    if route == "local-dir":
+        loaded = wszoo.create_model(f"local-dir:{out}", pretrained=True)
+    else:
+        with FakeHub() as hub:
+            hub.add("me/saved", {p.name: p.read_bytes() for p in out.iterdir()}, COMMIT)
+            monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+            loaded = wszoo.create_model("hf-hub:me/saved", pretrained=True)
+    assert (loaded.num_classes, loaded.in_chans, loaded.global_pool_type) == \
+        (src.num_classes, src.in_chans, src.global_pool_type)
+    x = torch.randn(2, src.in_chans, 40, 40, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), src(x))
+
+
+def test_saved_class_count_outranks_stale_model_args(tmp_path):
+    """A directory written before the save-time fields existed: the top-level class count decides."""
+    src = wszoo.create_model("resnet_mini_gn_ws", num_classes=10)
+    src.reset_classifier(5)
+    out = tmp_path / "old"
+    save_pretrained(src, str(out))
+    config = json.loads((out / "config.json").read_text())
+    config["model_args"]["num_classes"] = 10  # what the old writer recorded: the class count at creation
+    del config["in_chans"], config["global_pool"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert wszoo.create_model(f"local-dir:{out}", pretrained=True).num_classes == 5

@@ -11,7 +11,8 @@ from wszoo.registry import split_model_name
 def test_list_models_and_filters():
     names = wszoo.list_models()
     assert names[:3] == ["dm_nfnet_f0", "dm_nfnet_f1", "dm_nfnet_f2"]  # natural order: f2 before f10
-    assert wszoo.list_models("resnet*")[:7] == ["resnet50_gn_ws", "resnet101_gn_ws", "resnet_mini_bcn_ws", "resnet_mini_bn",
+    assert wszoo.list_models("resnet*")[:7] == ["resnet50_gn_ws", "resnet101_gn_ws", "resnet_mini_bcn_ws",
+                                                "resnet_mini_bn",
                                                 "resnet_mini_gn", "resnet_mini_gn_ws", "resnetv2_50x1_bit"]
     assert len(names) == 10 + 35 + 4
     assert wszoo.list_models("resnext*") == ["resnext50_32x4d_gn_ws", "resnext101_32x4d_gn_ws"]

@@ -1,18 +1,18 @@
 """wszoo: a timm-style model zoo for Weight Standardization architectures."""
-from . import hub, layers, models, optim
+from . import hub, layers, models, optim  # importing models registers every architecture
 from .checkpoint import CheckpointError, load_checkpoint
+from .factory import create_model
 from .hub import PretrainedWeightsError, push_to_hub, save_pretrained
-from .layers.convert import ConversionReport, WSPolicy, convert_to_ws
-from .speed import accumulate_ws, fold_ws, tune_cpu_allocator
+from .layers.retrofit import ConversionReport, WSPolicy, convert_to_ws
 from .registry import (
     UnknownModelError,
-    create_model,
     get_pretrained_cfg,
     is_model,
     list_models,
     list_pretrained,
     register_model,
 )
+from .speed import accumulate_ws, fold_ws, tune_cpu_allocator
 
 __version__ = "0.1.0"
 

@@ -1,10 +1,9 @@
-"""Loading local safetensors checkpoints: everything is checked before the model is touched.
+"""Reading checkpoints and loading them into models: everything is checked before the model is touched.
 
-Pickled checkpoints (``.pth``, ``.bin``, ...) can run arbitrary code when loaded and are refused here;
-they are converted once, explicitly, with ``torch.load(weights_only=True)``.
+Pickled checkpoints (``.pth``, ``.bin``, ...) can run arbitrary code when loaded and are refused by
+:func:`read_safetensors` / :func:`load_checkpoint`; :func:`read_torch_checkpoint` reads them with
+``torch.load(weights_only=True)`` for the explicit, one-off conversions (``wszoo convert``).
 """
-from __future__ import annotations
-
 import os
 from typing import Dict, Iterable, List, Mapping, Optional
 
@@ -13,7 +12,8 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-__all__ = ["CheckpointError", "read_safetensors", "check_state_dict", "load_checkpoint", "strip_prefix"]
+__all__ = ["CheckpointError", "read_safetensors", "read_torch_checkpoint", "check_state_dict", "load_checkpoint",
+           "strip_prefix"]
 
 _PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".pkl", ".pickle", ".tar", ".ckpt")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
@@ -58,6 +58,28 @@ def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {path!r} is not a readable safetensors file: {e}") from e
 
 
+def read_torch_checkpoint(path: str) -> Dict[str, torch.Tensor]:
+    """The tensors of a ``torch.save`` checkpoint, via ``torch.load(weights_only=True)`` (no code runs);
+    unwraps ``{'state_dict': ...}`` / ``{'model': ...}`` and drops non-tensor entries."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path!r} does not exist or is not a file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types
+        raise CheckpointError(f"{path!r} is not a loadable weights-only PyTorch checkpoint: {e}") from e
+    for key in ("state_dict", "model"):
+        if isinstance(data, Mapping) and isinstance(data.get(key), Mapping):
+            data = data[key]
+            break
+    if not isinstance(data, Mapping):
+        raise CheckpointError(f"{path!r} holds a {type(data).__name__}, not a state dict")
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path!r} holds no tensors")
+    return strip_prefix(tensors)
+
+
 def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "module.") -> Dict[str, torch.Tensor]:
     """Drop ``prefix`` (DataParallel/DDP's ``module.``) when every key carries it."""
     if state_dict and all(k.startswith(prefix) for k in state_dict):
@@ -90,7 +112,8 @@ def check_state_dict(
     ]
     if bad_shapes:
         problems.append(f"shape mismatches ({len(bad_shapes)}): " + "; ".join(bad_shapes[:10]))
-    not_float = [k for k, v in state_dict.items() if k in expected and v.is_floating_point() != expected[k].is_floating_point()]
+    not_float = [k for k, v in state_dict.items()
+                 if k in expected and v.is_floating_point() != expected[k].is_floating_point()]
     if not_float:
         problems.append(f"dtype kind mismatches: {_listing(not_float)}")
     if problems:

@@ -1,12 +1,13 @@
-"""Pretrained weights: download (Hugging Face Hub, or an original URL converted once), verify, load;
-and the way back: ``save_pretrained``, ``push_to_hub``, and rebuilding from ``hf-hub:org/repo[@rev]``.
+"""Pretrained weights: download (Hugging Face Hub, or an original URL converted once), verify, load; and
+the saved-model format, which this module alone writes and reads: a directory (or Hub repo) holding
+``model.safetensors``, ``config.json`` (architecture, the model's arguments as it was at save time, its
+pretrained cfg) and a ``README.md`` card, made by :func:`save_pretrained` and read back by
+:func:`resolve_saved_model` for ``create_model('hf-hub:org/repo[@rev]')`` and ``'local-dir:/path'``.
 
 Hub access goes through ``huggingface_hub.hf_hub_download``, which caches under ``HF_HUB_CACHE``.
 ``HF_ENDPOINT``, ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE`` are read when a download is made (not only
 when huggingface_hub is imported), so setting them in a running process works.
 """
-from __future__ import annotations
-
 import hashlib
 import json
 import logging
@@ -28,16 +29,20 @@ from huggingface_hub.errors import (
 from safetensors.torch import save_file
 from timm.models import adapt_input_conv
 
-from .checkpoint import check_state_dict, load_checkpoint, read_safetensors, strip_prefix
+from .checkpoint import check_state_dict, read_safetensors, read_torch_checkpoint, strip_prefix
 
 __all__ = [
-    "PretrainedWeightsError", "download_from_hub", "pretrained_weights_file", "load_pretrained",
-    "save_pretrained", "push_to_hub", "parse_hf_hub_name", "read_local_config", "load_checkpoint", "wszoo_cache_dir",
+    "PretrainedWeightsError", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "download_from_hub", "load_pretrained",
+    "save_pretrained", "push_to_hub", "parse_hf_hub_name", "read_saved_config", "resolve_saved_model",
+    "wszoo_cache_dir",
 ]
 
 _logger = logging.getLogger("wszoo")
+
+#: The three files of a saved model (a ``save_pretrained`` directory or a Hub repo).
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -93,22 +98,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _converted_original(cfg: Mapping[str, Any]) -> str:
-    """Weights published only as a pickle at ``cfg['url']``: download once, check its sha256 prefix, convert
-    with ``torch.load(weights_only=True)`` to a safetensors directory in :func:`wszoo_cache_dir`, and
-    load that from then on."""
-    from .convert import convert_torch_checkpoint
-
+def _converted_original(cfg: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Weights published only as a pickle at ``cfg['url']``: download once, check its sha256 prefix, read it
+    with ``torch.load(weights_only=True)``, check it against ``model`` (the model being built), and keep it
+    as a saved-model directory in :func:`wszoo_cache_dir`, read as safetensors from then on."""
     name = f"{cfg['architecture']}.{cfg['tag']}"
-    target = wszoo_cache_dir() / name / WEIGHTS_NAME
-    if target.is_file():
-        return str(target)
+    target = wszoo_cache_dir() / name
+    if (target / WEIGHTS_NAME).is_file():
+        return strip_prefix(read_safetensors(str(target / WEIGHTS_NAME)))
     url = cfg["url"]
     if _offline():
         raise PretrainedWeightsError(
             f"{name} is published as a PyTorch pickle at {url} and has not been converted here yet, and "
             f"HF_HUB_OFFLINE is set. Download that file elsewhere and run `wszoo convert FILE --source pth "
-            f"--model {cfg['architecture']} -o {target.parent}`."
+            f"--model {cfg['architecture']} -o {target}`."
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -123,41 +126,67 @@ def _converted_original(cfg: Mapping[str, Any]) -> str:
             raise PretrainedWeightsError(
                 f"{url} has sha256 {digest[:16]}..., expected a prefix {expected}: refusing the download"
             )
-        model = convert_torch_checkpoint(str(raw), name, num_classes=int(cfg.get("num_classes", 1000)))
-        save_pretrained(model, str(Path(tmp) / "converted"))
-        for item in (Path(tmp) / "converted").iterdir():
-            os.replace(item, target.parent / item.name)  # weights land last: a half-done conversion is redone
-    return str(target)
+        state_dict = read_torch_checkpoint(str(raw))
+        _fit_to_model(model, cfg, dict(state_dict), source=f"{url} (converted)")  # refuse before caching
+        config = _saved_config(cfg, num_classes=int(cfg.get("num_classes", 1000)),
+                               in_chans=int((cfg.get("input_size") or (3,))[0]),
+                               num_features=getattr(model, "num_features", None), model_args={})
+        _write_saved_model(Path(tmp) / "converted", state_dict, config, type(model).__name__)
+        # the weights land last: a half-done conversion is redone next time
+        target.mkdir(exist_ok=True)
+        for item in sorted((Path(tmp) / "converted").iterdir(), key=lambda p: p.name == WEIGHTS_NAME):
+            os.replace(item, target / item.name)
+    return state_dict
 
 
-def pretrained_weights_file(cfg: Mapping[str, Any]) -> str:
-    """Local path of the safetensors weights a pretrained cfg points to (downloading/converting if needed)."""
+def _pretrained_state_dict(cfg: Mapping[str, Any], model: nn.Module) -> Tuple[Dict[str, torch.Tensor], str]:
+    """The published weights ``cfg`` points to (downloaded or converted if needed), and where they came from."""
     if cfg.get("hf_hub_id"):
         filename = cfg.get("hf_hub_filename") or WEIGHTS_NAME
         if not filename.endswith(".safetensors"):
             raise PretrainedWeightsError(f"{cfg['hf_hub_id']}: only safetensors are loaded, not {filename!r}")
-        return download_from_hub(cfg["hf_hub_id"], filename, cfg.get("revision"))
+        path = download_from_hub(cfg["hf_hub_id"], filename, cfg.get("revision"))
+        return strip_prefix(read_safetensors(path)), f"checkpoint {path!r}"
     if cfg.get("url"):
-        return _converted_original(cfg)
+        return _converted_original(cfg, model), f"{cfg['url']} (converted)"
     if cfg.get("package_dir"):  # weights shipped inside the wszoo package (the embedded default)
         from importlib import resources
 
         path = resources.files("wszoo").joinpath(cfg["package_dir"], WEIGHTS_NAME)
         if not path.is_file():
             raise PretrainedWeightsError(f"the packaged weights {cfg['package_dir']}/{WEIGHTS_NAME} are missing")
-        return str(path)
+        return strip_prefix(read_safetensors(str(path))), f"checkpoint {str(path)!r}"
     raise PretrainedWeightsError(
         f"{cfg.get('architecture')!r} has no pretrained weights (tags: see wszoo.list_pretrained())"
     )
 
 
-def _classifier_keys(model: nn.Module, cfg: Mapping[str, Any]) -> Tuple[str, ...]:
-    name = cfg.get("classifier")
-    return tuple(k for k in model.state_dict() if name and k.startswith(f"{name}."))
+def _fit_to_model(model: nn.Module, cfg: Mapping[str, Any], state_dict: Dict[str, torch.Tensor],
+                  source: str) -> Dict[str, torch.Tensor]:
+    """Adapt a published state dict to ``model``'s classes and input channels, then check it in full."""
+    model_sd = model.state_dict()
+    first_conv = f"{cfg.get('first_conv')}.weight"
+    if first_conv in state_dict and first_conv in model_sd and \
+            state_dict[first_conv].shape != model_sd[first_conv].shape:
+        state_dict[first_conv] = adapt_input_conv(model_sd[first_conv].shape[1], state_dict[first_conv])
+        _logger.info("adapted %s from %d to %d input channels", first_conv, 3, model_sd[first_conv].shape[1])
+    prefix = f"{cfg.get('classifier')}."
+    dropped = sorted(k for k in state_dict if cfg.get("classifier") and k.startswith(prefix)
+                     and (k not in model_sd or state_dict[k].shape != model_sd[k].shape))
+    if dropped:
+        for key in dropped:
+            del state_dict[key]
+        for key in (k for k in model_sd if k.startswith(prefix)):  # the model keeps its fresh classifier
+            state_dict.setdefault(key, model_sd[key])
+        _logger.info("not loading the checkpoint's classifier (%s): the model has %s classes, the checkpoint %s",
+                     ", ".join(dropped), getattr(model, "num_classes", "?"), cfg.get("num_classes"))
+    check_state_dict(model, state_dict, source=source, strict=True)
+    return state_dict
 
 
 def load_pretrained(model: nn.Module, cfg: Mapping[str, Any], path: Optional[str] = None) -> nn.Module:
-    """Load the weights of ``cfg`` into ``model``, adapting to the model's classes and input channels.
+    """Load the weights of ``cfg`` (or the safetensors file ``path``) into ``model``, adapting to the model's
+    classes and input channels.
 
     * ``num_classes`` different from the checkpoint's: the classifier is left at its fresh init (logged).
     * ``in_chans`` != 3: the first conv is adapted as timm does (summed for 1 channel, repeated and
@@ -166,37 +195,15 @@ def load_pretrained(model: nn.Module, cfg: Mapping[str, Any], path: Optional[str
 
     Everything is checked before the model is touched.
     """
-    path = path or pretrained_weights_file(cfg)
-    state_dict = strip_prefix(read_safetensors(path))
-    model_sd = model.state_dict()
-    first_conv = f"{cfg.get('first_conv')}.weight"
-    if first_conv in state_dict and first_conv in model_sd and state_dict[first_conv].shape != model_sd[first_conv].shape:
-        state_dict[first_conv] = adapt_input_conv(model_sd[first_conv].shape[1], state_dict[first_conv])
-        _logger.info("adapted %s from %d to %d input channels", first_conv, 3, model_sd[first_conv].shape[1])
-    classifier = _classifier_keys(model, cfg)
-    prefix = f"{cfg.get('classifier')}."
-    dropped = sorted(k for k in state_dict if k.startswith(prefix)
-                     and (k not in model_sd or state_dict[k].shape != model_sd[k].shape))
-    if dropped:
-        for key in dropped:
-            del state_dict[key]
-        for key in classifier:  # the model keeps its freshly initialised classifier
-            state_dict.setdefault(key, model_sd[key])
-        _logger.info("not loading the checkpoint's classifier (%s): the model has %s classes, the checkpoint %s",
-                     ", ".join(dropped), getattr(model, "num_classes", "?"), cfg.get("num_classes"))
-    check_state_dict(model, state_dict, source=f"checkpoint {path!r}", strict=True)
-    model.load_state_dict(state_dict, strict=True)
+    if path is None:
+        state_dict, source = _pretrained_state_dict(cfg, model)
+    else:
+        state_dict, source = strip_prefix(read_safetensors(path)), f"checkpoint {path!r}"
+    model.load_state_dict(_fit_to_model(model, cfg, state_dict, source), strict=True)
     return model
 
 
-def read_local_config(directory: str) -> Dict[str, Any]:
-    """config.json of a ``save_pretrained`` directory (for ``create_model('local-dir:...')``)."""
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise PretrainedWeightsError(f"{directory} has no {CONFIG_NAME}: not a save_pretrained directory")
-    return _parse_config(str(path), directory)
-
-
+# --- the saved-model format ---------------------------------------------------------------------------
 def parse_hf_hub_name(name: str) -> Tuple[str, Optional[str]]:
     """``'hf-hub:org/repo@rev'`` -> ``('org/repo', 'rev')``."""
     spec = name[len("hf-hub:"):] if name.startswith("hf-hub:") else name
@@ -207,7 +214,7 @@ def parse_hf_hub_name(name: str) -> Tuple[str, Optional[str]]:
 
 
 def _parse_config(path: str, where: str) -> Dict[str, Any]:
-    """A save_pretrained ``config.json``: readable JSON that names an architecture."""
+    """A saved model's ``config.json``: readable JSON that names an architecture."""
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
@@ -218,9 +225,47 @@ def _parse_config(path: str, where: str) -> Dict[str, Any]:
     return config
 
 
-def read_hub_config(repo_id: str, revision: Optional[str]) -> Dict[str, Any]:
-    """config.json of a Hub repo written by :func:`save_pretrained`."""
-    return _parse_config(download_from_hub(repo_id, CONFIG_NAME, revision), repo_id)
+def read_saved_config(directory: str) -> Dict[str, Any]:
+    """``config.json`` of a :func:`save_pretrained` directory."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise PretrainedWeightsError(f"{directory} has no {CONFIG_NAME}: not a save_pretrained directory")
+    return _parse_config(str(path), directory)
+
+
+def _saved_model_args(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """The arguments a saved model is rebuilt with: the recorded ``model_args``, with the class count, input
+    channels and global pooling the model had when it was saved (top-level fields; 0 classes is a count)."""
+    args = dict(config.get("model_args") or {})
+    for key in ("num_classes", "in_chans"):
+        if config.get(key) is not None:
+            args[key] = int(config[key])
+    if config.get("global_pool") is not None:
+        args["global_pool"] = str(config["global_pool"])
+    return args
+
+
+def resolve_saved_model(name: str) -> Tuple[Dict[str, Any], Dict[str, Any], Optional[str]]:
+    """For ``'hf-hub:org/repo[@rev]'`` or ``'local-dir:/path'``: the pretrained cfg (with where the weights
+    are), the model arguments to rebuild it with, and the local weights file (``local-dir:`` only; Hub
+    weights are downloaded by :func:`load_pretrained`)."""
+    if name.startswith("hf-hub:"):
+        repo_id, revision = parse_hf_hub_name(name)
+        config = _parse_config(download_from_hub(repo_id, CONFIG_NAME, revision), repo_id)
+        source = {"hf_hub_id": repo_id, "hf_hub_filename": WEIGHTS_NAME, "revision": revision}
+        weights = None
+    elif name.startswith("local-dir:"):
+        directory = name[len("local-dir:"):]
+        config = read_saved_config(directory)
+        source = {"hf_hub_id": None, "url": None, "package_dir": None}
+        weights = str(Path(directory) / WEIGHTS_NAME)
+    else:
+        raise ValueError(f"not a saved-model name (hf-hub:org/repo or local-dir:/path): {name!r}")
+    args = _saved_model_args(config)
+    cfg = {**config.get("pretrained_cfg", {}), "architecture": config["architecture"], **source}
+    if "num_classes" in args:
+        cfg["num_classes"] = args["num_classes"]
+    return cfg, args, weights
 
 
 def _jsonable(value: Any) -> Any:
@@ -231,14 +276,28 @@ def _jsonable(value: Any) -> Any:
     return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
-def _model_card(model: nn.Module, config: Mapping[str, Any]) -> str:
+def _saved_config(cfg: Mapping[str, Any], num_classes: Optional[int], in_chans: Optional[int],
+                  num_features: Optional[int], model_args: Mapping[str, Any],
+                  global_pool: Optional[str] = None) -> Dict[str, Any]:
+    args = {**model_args, "num_classes": num_classes, "in_chans": in_chans}
+    return {
+        "architecture": cfg["architecture"],
+        "num_classes": num_classes,
+        "in_chans": in_chans,
+        "global_pool": global_pool,
+        "num_features": num_features,
+        "model_args": _jsonable({k: v for k, v in args.items() if v is not None}),
+        "pretrained_cfg": _jsonable(dict(cfg)),
+    }
+
+
+def _model_card(config: Mapping[str, Any], num_params: int, class_name: str) -> str:
     cfg = config["pretrained_cfg"]
-    params = sum(p.numel() for p in model.parameters())
     lines = [
         "---", "library_name: wszoo", "tags:", "- image-classification", "- weight-standardization",
         f"license: {cfg.get('license', 'other')}", "---", "",
         f"# {config['architecture']}" + (f".{cfg['tag']}" if cfg.get("tag") else ""), "",
-        f"A `{type(model).__name__}` saved by wszoo ({params / 1e6:.1f}M parameters, "
+        f"A `{class_name}` saved by wszoo ({num_params / 1e6:.1f}M parameters, "
         f"{config.get('num_classes')} classes).", "",
         "```python", "import wszoo", "model = wszoo.create_model('hf-hub:<this repo>')", "```", "",
         f"Preprocessing: input {list(cfg.get('input_size', []))}, crop_pct {cfg.get('crop_pct')}, "
@@ -251,26 +310,30 @@ def _model_card(model: nn.Module, config: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write_saved_model(out: Path, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+                       class_name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    num_params = sum(v.numel() for v in tensors.values() if v.is_floating_point())
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt", "architecture": config["architecture"]})
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (out / CARD_NAME).write_text(_model_card(config, num_params, class_name), encoding="utf-8")
+
+
 def save_pretrained(model: nn.Module, save_dir: str) -> str:
-    """Write ``model.safetensors``, ``config.json`` (architecture, model args, pretrained cfg) and a README
-    model card into ``save_dir``: a directory ``create_model('hf-hub:...')`` and ``push_to_hub`` read."""
+    """Write ``model.safetensors``, ``config.json`` and a ``README.md`` card into ``save_dir``: a directory
+    ``create_model('local-dir:...')``, ``create_model('hf-hub:...')`` and :func:`push_to_hub` read.
+
+    The config records the model as it is now: its class count (after ``reset_classifier`` too, 0
+    included), input channels, global pooling, and the other arguments it was built with."""
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     if not cfg.get("architecture"):
         raise ValueError("save_pretrained needs a model made by wszoo.create_model (it has no pretrained_cfg)")
-    out = Path(save_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {
-        "architecture": cfg["architecture"],
-        "num_classes": getattr(model, "num_classes", None),
-        "num_features": getattr(model, "num_features", None),
-        "model_args": _jsonable(dict(getattr(model, "model_args", {}) or {})),
-        "pretrained_cfg": _jsonable(cfg),
-    }
-    state_dict = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state_dict, str(out / WEIGHTS_NAME), metadata={"format": "pt", "architecture": cfg["architecture"]})
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (out / "README.md").write_text(_model_card(model, config), encoding="utf-8")
-    return str(out)
+    config = _saved_config(cfg, getattr(model, "num_classes", None), getattr(model, "in_chans", None),
+                           getattr(model, "num_features", None), dict(getattr(model, "model_args", None) or {}),
+                           global_pool=getattr(model, "global_pool_type", None))
+    _write_saved_model(Path(save_dir), model.state_dict(), config, type(model).__name__)
+    return str(save_dir)
 
 
 def push_to_hub(model: nn.Module, repo_id: str, *, token: Optional[str] = None, private: bool = False,

@@ -1,0 +1,131 @@
+"""``create_model``: build a registered model by name, timm-style, in small steps (as timm splits
+``_factory``/``_builder`` from ``_registry``): resolve where the model comes from, build it, load its
+weights, freeze stages, wrap it as a feature extractor."""
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence
+
+import torch.nn as nn
+from timm.models import FeatureListNet
+
+from . import registry
+from .checkpoint import load_checkpoint
+from .hub import load_pretrained, resolve_saved_model
+from .models.helpers import freeze_stages
+
+__all__ = ["create_model", "ModelSource", "resolve_source"]
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from: its architecture, its pretrained cfg, the arguments a saved model was built
+    with, and the local weights file of a ``local-dir:`` model."""
+
+    arch: str
+    pretrained_cfg: Dict[str, Any]
+    saved_args: Dict[str, Any]
+    local_weights: Optional[str] = None
+
+
+def resolve_source(model_name: str) -> ModelSource:
+    """``arch``, ``arch.tag``, ``hf-hub:org/repo[@rev]`` or ``local-dir:/path`` -> :class:`ModelSource`."""
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        cfg, args, weights = resolve_saved_model(model_name)
+        registry.model_entrypoint(cfg["architecture"])  # an unknown architecture fails here, by name
+        return ModelSource(cfg["architecture"], registry.normalize_cfg(cfg), args, weights)
+    arch, _ = registry.split_model_name(model_name)
+    registry.model_entrypoint(model_name)
+    return ModelSource(arch, registry.get_pretrained_cfg(model_name), {})
+
+
+def _model_args(source: ModelSource, num_classes: Optional[int], in_chans: Optional[int],
+                kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The constructor arguments: explicit ones win over a saved model's, which win over the cfg's."""
+    saved = dict(source.saved_args)
+    if num_classes is None:
+        num_classes = saved.pop("num_classes", None)
+    if num_classes is None:
+        num_classes = source.pretrained_cfg.get("num_classes", 1000)
+    if in_chans is None:
+        in_chans = saved.pop("in_chans", None)
+    if in_chans is None:
+        in_chans = (source.pretrained_cfg.get("input_size") or (3,))[0]
+    saved.pop("num_classes", None)
+    saved.pop("in_chans", None)
+    return {"num_classes": int(num_classes), "in_chans": int(in_chans), **saved, **kwargs}
+
+
+def _load_weights(model: nn.Module, source: ModelSource, pretrained: bool, checkpoint_path: Optional[str]) -> None:
+    """A local checkpoint replaces ``pretrained``; a ``local-dir:`` model's weights are its directory's."""
+    if checkpoint_path is None and pretrained and source.local_weights is not None:
+        checkpoint_path = source.local_weights
+    if checkpoint_path is not None:
+        load_checkpoint(model, checkpoint_path)
+    elif pretrained:
+        load_pretrained(model, source.pretrained_cfg)
+
+
+def _wrap_features(model: nn.Module, out_indices: Optional[Sequence[int]]) -> nn.Module:
+    """timm's ``FeatureListNet`` over the levels of ``model.feature_info``, as the family's
+    ``feature_wrap_cfg`` says (e.g. whether its Sequential containers must be flattened)."""
+    levels = len(model.feature_info)
+    indices = tuple(out_indices) if out_indices is not None else tuple(range(levels))
+    bad = [i for i in indices if not -levels <= i < levels]
+    if bad:
+        raise ValueError(f"out_indices {bad} out of range: {model.pretrained_cfg['architecture']} has {levels} "
+                         "feature levels")
+    cfg, args = model.pretrained_cfg, model.model_args
+    features = FeatureListNet(model, out_indices=indices, **getattr(model, "feature_wrap_cfg", {}))
+    features.pretrained_cfg, features.default_cfg, features.model_args = cfg, cfg, args
+    return features
+
+
+def create_model(
+    model_name: str,
+    pretrained: bool = False,
+    num_classes: Optional[int] = None,
+    in_chans: Optional[int] = None,
+    checkpoint_path: Optional[str] = None,
+    drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+    features_only: bool = False,
+    out_indices: Optional[Sequence[int]] = None,
+    frozen_stages: int = -1,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a registered model by name, timm-style.
+
+    Args:
+        model_name: ``arch``, ``arch.tag`` (the tag selects the pretrained config and its class count), or
+            ``hf-hub:org/repo[@revision]`` for a repo written by :func:`wszoo.save_pretrained`, or
+            ``local-dir:/path`` for such a directory on disk.
+        pretrained: load the published weights of the tag (``arch`` alone: its default tag) through
+            :func:`wszoo.hub.load_pretrained`: safetensors from the Hub, or an original pickle converted once.
+        num_classes: classifier outputs; defaults to the pretrained config's (1000 for ImageNet-1k). A
+            different count keeps a fresh classifier and loads everything else.
+        in_chans: input channels; default the config's (3, or 1 for the Fashion-MNIST models). Pretrained
+            first convs are adapted as timm does.
+        checkpoint_path: a local ``.safetensors`` state dict to load strictly (checked before any copy);
+            it replaces ``pretrained``.
+        drop_rate, drop_path_rate: classifier dropout and stochastic depth.
+        features_only: return a feature extractor (timm's ``FeatureListNet``): ``model(x)`` is a list of
+            maps, ``model.feature_info`` has ``channels()``, ``reduction()``, ``module_name()``.
+        out_indices: which entries of ``feature_info`` to return (default all; ``(1, 2, 3, 4)`` gives
+            strides 4, 8, 16, 32 on the ImageNet families).
+        frozen_stages: -1 none; 0 the stem; k the stem and stages 1..k (``requires_grad=False``, frozen
+            BatchNorms keep their statistics), as detection recipes use.
+        **kwargs: passed to the architecture (e.g. ``global_pool``, ``output_stride``, ``ws_style``).
+
+    The model gets ``pretrained_cfg`` (a dict usable by ``timm.data.resolve_data_config``) and
+    ``model_args`` (what it was built with).
+    """
+    if out_indices is not None and not features_only:
+        raise ValueError("out_indices is for features_only=True")
+    source = resolve_source(model_name)
+    args = _model_args(source, num_classes, in_chans, kwargs)
+    model = registry.model_entrypoint(source.arch)(drop_rate=drop_rate, drop_path_rate=drop_path_rate, **args)
+    model.pretrained_cfg = model.default_cfg = source.pretrained_cfg  # older timm helpers read default_cfg
+    model.model_args = args
+    _load_weights(model, source, pretrained, checkpoint_path)
+    if frozen_stages >= 0:
+        freeze_stages(model, frozen_stages)
+    return _wrap_features(model, out_indices) if features_only else model
