@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import wszoo
 from tests.data_fixtures import make_fashion_mnist, make_image_folder
 from wszoo.cli import main
-from wszoo.models._helpers import freeze_stages
+from wszoo.models.helpers import freeze_stages
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_one_epoch_with_accumulation_writes_loadable_checkpoints(folder, tmp_pat
                            checkpoint_path=str(out / "last" / "model.safetensors"))
     b = wszoo.create_model(f"local-dir:{out / 'last'}", pretrained=True)
     assert b.num_classes == 3 and b.in_chans == 3
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
 def test_accumulation_is_exact_for_gn_ws_and_not_for_bn():
@@ -45,7 +45,8 @@ def test_accumulation_is_exact_for_gn_ws_and_not_for_bn():
         model.zero_grad()
         for xs, ys in ((x[:2], y[:2]), (x[2:], y[2:])):
             (F.cross_entropy(model(xs), ys) / 2).backward()
-        same = all(torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6) for g, p in zip(full, model.parameters()))
+        same = all(torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6)
+                   for g, p in zip(full, model.parameters(), strict=True))
         assert same == exact, arch
 
 

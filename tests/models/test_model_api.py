@@ -75,7 +75,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
         model.set_grad_checkpointing(True)
         model(x).sum().backward()
         for n, p in model.named_parameters():
-            torch.testing.assert_close(p.grad, plain[n], msg=lambda m: f"{name}.{n}: {m}")
+            torch.testing.assert_close(p.grad, plain[n], msg=lambda m, name=name, n=n: f"{name}.{n}: {m}")
 
 
 def test_drop_rate_only_acts_in_train_mode():

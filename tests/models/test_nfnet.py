@@ -76,7 +76,8 @@ def test_deepmind_models_use_same_padding_gamma_in_act_and_skipinit():
     dm = wszoo.create_model("dm_nfnet_f0")
     convs = [m for m in dm.modules() if isinstance(m, ScaledWSConv2d)]
     assert convs and all(isinstance(m, ScaledWSConv2dSame) and m.gamma == 1.0 for m in convs)
-    assert isinstance(dm.stages[0][0].act1, GammaAct) and dm.stages[0][0].act1.gamma == pytest.approx(1.7015043497085571)
+    act1 = dm.stages[0][0].act1
+    assert isinstance(act1, GammaAct) and act1.gamma == pytest.approx(1.7015043497085571)
     blocks = [m for m in dm.modules() if isinstance(m, NormFreeBlock)]
     assert all(b.skipinit_gain is not None and b.skipinit_gain.item() == 0 for b in blocks)
     timm_style = wszoo.create_model("nfnet_f0")

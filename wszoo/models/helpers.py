@@ -1,5 +1,5 @@
-"""Small pieces every model family shares: stage output strides, block running, weight init."""
-from __future__ import annotations
+"""Small pieces every model family shares: stage strides and dilations, block running, weight init,
+timm's classifier API, and freezing the stem and first stages."""
 
 from typing import Iterable, List, Optional, Sequence, Tuple
 
@@ -7,11 +7,12 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["stage_strides_and_dilations", "checkpoint_blocks", "init_conv_and_norm", "check_output_stride",
-           "ClassifierHeadApi", "freeze_stages"]
+__all__ = ["stage_strides_and_dilations", "checkpoint_blocks", "init_classifier_", "init_conv_and_norm",
+           "check_output_stride", "ClassifierHeadApi", "freeze_stages"]
 
 
 def check_output_stride(output_stride: int) -> int:
+    """``output_stride`` if the families support it (8, 16, 32), else a ValueError."""
     if output_stride not in (8, 16, 32):
         raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
     return output_stride
@@ -19,11 +20,10 @@ def check_output_stride(output_stride: int) -> int:
 
 def stage_strides_and_dilations(
     stage_strides: Sequence[int], output_stride: int, start_stride: int = 4
-) -> List[Tuple[int, int]]:
-    """Per stage (stride, dilation): once the net reaches ``output_stride``, later strides become dilation.
-
-    This is how segmentation backbones keep resolution (DeepLab's atrous stages) without new weights.
-    """
+) -> List[Tuple[int, int, int]]:
+    """Per stage ``(stride, dilation, first_dilation)``: once the net reaches ``output_stride``, later strides
+    become dilation (DeepLab's atrous stages: resolution kept, no new weights). ``first_dilation`` is the
+    dilation of the stage's first strided conv, which still sees the previous stage's rate (1 or 2)."""
     check_output_stride(output_stride)
     out = []
     reduction, dilation = start_stride, 1
@@ -32,7 +32,7 @@ def stage_strides_and_dilations(
             dilation *= stride
             stride = 1
         reduction *= stride
-        out.append((stride, dilation))
+        out.append((stride, dilation, 1 if dilation in (1, 2) else 2))
     return out
 
 
@@ -46,6 +46,14 @@ def checkpoint_blocks(blocks: Iterable[nn.Module], x: torch.Tensor) -> torch.Ten
     return x
 
 
+def init_classifier_(layer: nn.Module, std: float = 0.01) -> None:
+    """A classifier (``nn.Linear`` or 1x1 ``nn.Conv2d``) drawn from N(0, std), zero bias: small logits at start."""
+    if isinstance(layer, (nn.Linear, nn.Conv2d)):
+        nn.init.normal_(layer.weight, 0.0, std)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
+
+
 def init_conv_and_norm(model: nn.Module, classifier_std: float = 0.01) -> None:
     """He-normal (fan-out) convs, unit/zero norm affines, small-normal classifiers (zero bias).
 
@@ -54,9 +62,7 @@ def init_conv_and_norm(model: nn.Module, classifier_std: float = 0.01) -> None:
     """
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and name.endswith("fc")):
-            nn.init.normal_(module.weight, std=classifier_std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+            init_classifier_(module, classifier_std)
         elif isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             if module.bias is not None:
@@ -69,20 +75,21 @@ def init_conv_and_norm(model: nn.Module, classifier_std: float = 0.01) -> None:
 class ClassifierHeadApi:
     """timm's classifier API for models whose head is a ``timm.layers.ClassifierHead`` at ``self.head``."""
 
-
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.fc
+
+    @property
+    def global_pool_type(self) -> str:
+        """The global pooling now in use (``'avg'``, ``'max'``, ``''`` ...), as ``reset_classifier`` takes it."""
+        return self.head.global_pool.pool_type
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace the classifier (new ``head.fc`` drawn from N(0, 0.01), zero bias; 0 classes for none),
         optionally with another global pooling."""
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool)
-        fc = self.head.fc
-        if isinstance(fc, (nn.Linear, nn.Conv2d)):
-            nn.init.normal_(fc.weight, 0.0, 0.01)
-            nn.init.zeros_(fc.bias)
+        init_classifier_(self.head.fc)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)

@@ -16,23 +16,24 @@ Module names are key-for-key timm's ``nfnet.py`` models, so the ``timm/`` Hub ch
 ``dm_`` models follow DeepMind's release: TF 'SAME' padding, gamma applied in the activation, and a
 learnable ``skipinit_gain`` (initialised to 0) on every residual branch.
 """
-from __future__ import annotations
-
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 from timm.layers import AvgPool2dSame, ClassifierHead, DropPath, make_divisible
 
-from ..layers import NONLIN_GAMMA, GammaAct, ScaledWSConv2d, ScaledWSConv2dSame, create_act
+from ..checkpoint import CheckpointError, check_state_dict
+from ..layers import NONLIN_GAMMA, ScaledWSConv2d, ScaledWSConv2dSame, act_with_gamma, create_act
 from ..layers.attention import create_attn
 from ..registry import register_model
-from ._helpers import ClassifierHeadApi, check_output_stride, checkpoint_blocks
+from .helpers import ClassifierHeadApi, checkpoint_blocks, init_classifier_, stage_strides_and_dilations
 
-__all__ = ["NFNetConfig", "NormFreeNet", "NormFreeBlock"]
+__all__ = ["NFNetConfig", "NormFreeNet", "NormFreeBlock", "MODEL_CFGS", "haiku_params_to_state_dict"]
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ def _make_stem(in_chs: int, out_chs: int, stem_type: str, conv_layer: Callable, 
     stem: "OrderedDict[str, nn.Module]" = OrderedDict()
     if stem_type == "deep_quad":  # NFNet: four 3x3 convs, strides 2,1,1,2
         chs, strides = (out_chs // 8, out_chs // 4, out_chs // 2, out_chs), (2, 1, 1, 2)
-        for i, (c, s) in enumerate(zip(chs, strides)):
+        for i, (c, s) in enumerate(zip(chs, strides, strict=True)):
             stem[f"conv{i + 1}"] = conv_layer(in_chs, c, kernel_size=3, stride=s)
             if i < len(chs) - 1:
                 stem[f"act{i + 2}"] = act_layer(inplace=i < len(chs) - 2)
@@ -183,6 +184,9 @@ class NormFreeNet(ClassifierHeadApi, nn.Module):
         **overrides: any :class:`NFNetConfig` field (e.g. ``act_layer='relu'``, ``std_conv_eps=1e-4``).
     """
 
+    # features_only: the taps sit inside Sequential containers ('stem.conv3', 'stages.0'), which must be flattened
+    feature_wrap_cfg = {"flatten_sequential": True}
+
     def __init__(
         self,
         cfg: NFNetConfig,
@@ -196,7 +200,6 @@ class NormFreeNet(ClassifierHeadApi, nn.Module):
     ) -> None:
         super().__init__()
         cfg = replace(cfg, **overrides)
-        check_output_stride(output_stride)
         if cfg.act_layer not in NONLIN_GAMMA:
             raise ValueError(f"no gamma constant for activation {cfg.act_layer!r}; known: {', '.join(NONLIN_GAMMA)}")
         self.cfg = cfg
@@ -206,7 +209,7 @@ class NormFreeNet(ClassifierHeadApi, nn.Module):
         gamma = NONLIN_GAMMA[cfg.act_layer]
         conv_cls = ScaledWSConv2dSame if cfg.same_padding else ScaledWSConv2d
         if cfg.gamma_in_act:  # DeepMind: gamma in the activation
-            act_layer: Callable[..., nn.Module] = lambda inplace=False: GammaAct(cfg.act_layer, gamma)  # noqa: E731
+            act_layer: Callable[..., nn.Module] = act_with_gamma(cfg.act_layer, gamma)
             conv_layer = partial(conv_cls, eps=cfg.std_conv_eps, style=cfg.ws_style)
         else:  # timm: gamma folded into every conv's scale
             act_layer = partial(create_act, cfg.act_layer)
@@ -218,15 +221,13 @@ class NormFreeNet(ClassifierHeadApi, nn.Module):
         self.feature_info: List[Dict[str, Any]] = [stem_feat]
 
         rates = torch.linspace(0, drop_path_rate, sum(cfg.depths), device="cpu").split(list(cfg.depths))
-        prev_chs, net_stride, dilation, expected_var = stem_chs, stem_stride, 1, 1.0
+        # the first stage keeps the resolution when the stem already reduced by 4
+        stage_strides = [1 if i == 0 and stem_stride > 2 else 2 for i in range(len(cfg.depths))]
+        strides = stage_strides_and_dilations(stage_strides, output_stride, start_stride=stem_stride)
+        prev_chs, net_stride, expected_var = stem_chs, stem_stride, 1.0
         stages = []
-        for stage_idx, depth in enumerate(cfg.depths):
-            stride = 1 if stage_idx == 0 and stem_stride > 2 else 2
-            if net_stride >= output_stride and stride > 1:
-                dilation *= stride
-                stride = 1
+        for stage_idx, (depth, (stride, dilation, first_dilation)) in enumerate(zip(cfg.depths, strides, strict=True)):
             net_stride *= stride
-            first_dilation = 1 if dilation in (1, 2) else 2
             out_chs = make_divisible(cfg.channels[stage_idx] * cfg.width_factor, cfg.ch_div)
             blocks = []
             for block_idx in range(depth):
@@ -261,10 +262,9 @@ class NormFreeNet(ClassifierHeadApi, nn.Module):
 
     def _init_weights(self) -> None:
         # Scaled WS makes the conv scale irrelevant to the forward pass; fan-in init keeps step sizes sane.
-        for name, m in self.named_modules():
+        for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+                init_classifier_(m)
             elif isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="linear")
                 if m.bias is not None:
@@ -306,11 +306,13 @@ def _dm_nfnet(depths) -> NFNetConfig:
 
 
 def _nf_resnet(depths, attn_layer=None, attn_kwargs=None) -> NFNetConfig:
+    """NF-ResNet: a ResNet-D (7x7 stem and pool, 2x2 average-pool shortcuts), ReLU, 0.25 bottleneck."""
     return NFNetConfig(depths=depths, channels=(256, 512, 1024, 2048), stem_type="7x7_pool", stem_chs=64,
                        bottle_ratio=0.25, act_layer="relu", attn_layer=attn_layer, attn_kwargs=attn_kwargs or {})
 
 
 def _nf_regnet(depths, channels=(48, 104, 208, 440)) -> NFNetConfig:
+    """NF-RegNet: 3x3 stem, RegNet-style blocks (width from the input, attention before conv3), 0.75 width."""
     return NFNetConfig(depths=depths, channels=channels, stem_type="3x3", group_size=8, width_factor=0.75,
                        bottle_ratio=2.25, num_features=1280 * channels[-1] // 440, reg=True, attn_layer="se",
                        attn_kwargs=dict(rd_ratio=0.5))
@@ -318,10 +320,86 @@ def _nf_regnet(depths, channels=(48, 104, 208, 440)) -> NFNetConfig:
 
 _L_VARIANT = dict(group_size=64, bottle_ratio=0.25, act_layer="silu")
 _ECA = dict(attn_layer="eca", attn_kwargs={})
+_SE_RESNET = dict(attn_layer="se", attn_kwargs=dict(rd_ratio=1 / 16))
+_DEPTHS_26, _DEPTHS_50, _DEPTHS_101 = (2, 2, 2, 2), (3, 4, 6, 3), (3, 4, 23, 3)
 
+
+# --- DeepMind's Haiku checkpoints (F0..F6) onto these modules ------------------------------------
+_STEM = re.compile(r"^NFNet/~/stem_conv(\d)/(w|b|gain)$")
+_BLOCK = re.compile(r"^NFNet/~/nf_block(?:_(\d+))?(?:/~/(.+))?/(\w+)$")
+_HEAD = re.compile(r"^NFNet/~/(final_conv|linear)/(w|b|gain)$")
+_BLOCK_PARTS = {  # DeepMind's names -> ours (timm's)
+    "conv0": "conv1", "conv1": "conv2", "conv1b": "conv2b", "conv2": "conv3", "conv_shortcut": "downsample.conv",
+    "squeeze_excite/~/linear": "attn_last.fc1", "squeeze_excite/~/linear_1": "attn_last.fc2",
+}
+_PARAMS = {"w": "weight", "b": "bias", "gain": "gain"}
+
+
+def _to_torch(array: np.ndarray, param: str, conv: bool) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if param == "w" and t.dim() == 4:  # HWIO -> OIHW
+        t = t.permute(3, 2, 0, 1)
+    elif param == "w" and t.dim() == 2:  # (in, out) -> (out, in), as a 1x1 conv when the target is one
+        t = t.t()
+        if conv:
+            t = t[:, :, None, None]
+    elif param == "gain":
+        t = t.reshape(-1, 1, 1, 1)
+    return t.contiguous().float()
+
+
+def haiku_params_to_state_dict(params: Mapping[str, np.ndarray], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Map DeepMind's Haiku NFNet parameters (``{"<module>/<param>": array}``, see
+    :func:`wszoo.convert_weights.read_haiku_params`) onto ``model``'s keys (a ``dm_nfnet_*``), checking every
+    key and shape. HWIO kernels become OIHW, ``(in, out)`` linears ``(out, in)``, gains ``(out, 1, 1, 1)``."""
+    block_names = [f"stages.{s}.{b}" for s, stage in enumerate(model.stages) for b in range(len(stage))]
+    expected = model.state_dict()
+    out: Dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, array in params.items():
+        target: Optional[str] = None
+        param = key.rsplit("/", 1)[-1]
+        if m := _STEM.match(key):
+            target = f"stem.conv{int(m.group(1)) + 1}.{_PARAMS[m.group(2)]}"
+        elif m := _HEAD.match(key):
+            target = f"{'final_conv' if m.group(1) == 'final_conv' else 'head.fc'}.{_PARAMS[m.group(2)]}"
+        elif m := _BLOCK.match(key):
+            index = int(m.group(1) or 0)
+            part, p = m.group(2), m.group(3)
+            if index < len(block_names):
+                if part is None and p == "skip_gain":
+                    target = f"{block_names[index]}.skipinit_gain"
+                elif part in _BLOCK_PARTS and p in _PARAMS:
+                    target = f"{block_names[index]}.{_BLOCK_PARTS[part]}.{_PARAMS[p]}"
+        if target is None or target not in expected:
+            unknown.append(key)
+            continue
+        tensor = _to_torch(array, param, conv=expected[target].dim() == 4)
+        out[target] = tensor.reshape(()) if expected[target].dim() == 0 else tensor
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:10]) + (f" ... and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        raise CheckpointError(f"Haiku parameters with no place in {type(model).__name__}: {shown}")
+    check_state_dict(model, out, source="converted DeepMind parameters")
+    return out
+
+
+#: Every NF architecture, as data (timm's ``model_cfgs``); the entrypoints below look their names up here.
 MODEL_CFGS: Dict[str, NFNetConfig] = {
-    **{f"dm_nfnet_f{i}": _dm_nfnet(_NFNET_DEPTHS[i]) for i in range(7)},
-    **{f"nfnet_f{i}": _nfnet(_NFNET_DEPTHS[i]) for i in range(8)},
+    "dm_nfnet_f0": _dm_nfnet(_NFNET_DEPTHS[0]),
+    "dm_nfnet_f1": _dm_nfnet(_NFNET_DEPTHS[1]),
+    "dm_nfnet_f2": _dm_nfnet(_NFNET_DEPTHS[2]),
+    "dm_nfnet_f3": _dm_nfnet(_NFNET_DEPTHS[3]),
+    "dm_nfnet_f4": _dm_nfnet(_NFNET_DEPTHS[4]),
+    "dm_nfnet_f5": _dm_nfnet(_NFNET_DEPTHS[5]),
+    "dm_nfnet_f6": _dm_nfnet(_NFNET_DEPTHS[6]),
+    "nfnet_f0": _nfnet(_NFNET_DEPTHS[0]),
+    "nfnet_f1": _nfnet(_NFNET_DEPTHS[1]),
+    "nfnet_f2": _nfnet(_NFNET_DEPTHS[2]),
+    "nfnet_f3": _nfnet(_NFNET_DEPTHS[3]),
+    "nfnet_f4": _nfnet(_NFNET_DEPTHS[4]),
+    "nfnet_f5": _nfnet(_NFNET_DEPTHS[5]),
+    "nfnet_f6": _nfnet(_NFNET_DEPTHS[6]),
+    "nfnet_f7": _nfnet(_NFNET_DEPTHS[7]),
     "nfnet_l0": _nfnet(_NFNET_DEPTHS[0], feat_mult=1.5, attn_kwargs=dict(rd_ratio=0.25, rd_divisor=8), **_L_VARIANT),
     "eca_nfnet_l0": _nfnet(_NFNET_DEPTHS[0], feat_mult=1.5, **_ECA, **_L_VARIANT),
     "eca_nfnet_l1": _nfnet(_NFNET_DEPTHS[1], **_ECA, **_L_VARIANT),
@@ -333,23 +411,228 @@ MODEL_CFGS: Dict[str, NFNetConfig] = {
     "nf_regnet_b3": _nf_regnet((2, 5, 9, 9), channels=(56, 128, 248, 528)),
     "nf_regnet_b4": _nf_regnet((2, 6, 11, 11), channels=(64, 144, 288, 616)),
     "nf_regnet_b5": _nf_regnet((3, 7, 14, 14), channels=(80, 168, 336, 704)),
-    **{f"nf_resnet{d}": _nf_resnet(depths) for d, depths in ((26, (2, 2, 2, 2)), (50, (3, 4, 6, 3)), (101, (3, 4, 23, 3)))},
-    **{f"nf_seresnet{d}": _nf_resnet(depths, "se", dict(rd_ratio=1 / 16))
-       for d, depths in ((26, (2, 2, 2, 2)), (50, (3, 4, 6, 3)), (101, (3, 4, 23, 3)))},
-    **{f"nf_ecaresnet{d}": _nf_resnet(depths, "eca")
-       for d, depths in ((26, (2, 2, 2, 2)), (50, (3, 4, 6, 3)), (101, (3, 4, 23, 3)))},
+    "nf_resnet26": _nf_resnet(_DEPTHS_26),
+    "nf_resnet50": _nf_resnet(_DEPTHS_50),
+    "nf_resnet101": _nf_resnet(_DEPTHS_101),
+    "nf_seresnet26": _nf_resnet(_DEPTHS_26, **_SE_RESNET),
+    "nf_seresnet50": _nf_resnet(_DEPTHS_50, **_SE_RESNET),
+    "nf_seresnet101": _nf_resnet(_DEPTHS_101, **_SE_RESNET),
+    "nf_ecaresnet26": _nf_resnet(_DEPTHS_26, **_ECA),
+    "nf_ecaresnet50": _nf_resnet(_DEPTHS_50, **_ECA),
+    "nf_ecaresnet101": _nf_resnet(_DEPTHS_101, **_ECA),
 }
 
 
-def _register(name: str) -> None:
-    def entrypoint(**kwargs: Any) -> NormFreeNet:
-        return NormFreeNet(MODEL_CFGS[name], **kwargs)
-
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f"{name}: a normalizer-free network ({MODEL_CFGS[name].attn_layer or 'no'} attention)."
-    register_model(entrypoint)
+# --- NFNet-F as DeepMind released it (SAME padding, gamma in the activation, skipinit gains) --------------
+@register_model
+def dm_nfnet_f0(**kwargs: Any) -> NormFreeNet:
+    """NFNet-F0 (DeepMind's release: SAME padding, gamma in the activation, skipinit gains); SE attention."""
+    return NormFreeNet(MODEL_CFGS["dm_nfnet_f0"], **kwargs)
 
 
-for _name in MODEL_CFGS:
-    _register(_name)
+@register_model
+def dm_nfnet_f1(**kwargs: Any) -> NormFreeNet:
+    """NFNet-F1 (DeepMind's release); SE attention."""
+    return NormFreeNet(MODEL_CFGS["dm_nfnet_f1"], **kwargs)
+
+
+@register_model
+def dm_nfnet_f2(**kwargs: Any) -> NormFreeNet:
+    """NFNet-F2 (DeepMind's release); SE attention."""
+    return NormFreeNet(MODEL_CFGS["dm_nfnet_f2"], **kwargs)
+
+
+@register_model
+def dm_nfnet_f3(**kwargs: Any) -> NormFreeNet:
+    """NFNet-F3 (DeepMind's release); SE attention."""
+    return NormFreeNet(MODEL_CFGS["dm_nfnet_f3"], **kwargs)
+
+
+@register_model
+def dm_nfnet_f4(**kwargs: Any) -> NormFreeNet:
+    """NFNet-F4 (DeepMind's release); SE attention."""
+    return NormFreeNet(MODEL_CFGS["dm_nfnet_f4"], **kwargs)
+
+
+@register_model
+def dm_nfnet_f5(**kwargs: Any) -> NormFreeNet:
+    """NFNet-F5 (DeepMind's release); SE attention."""
+    return NormFreeNet(MODEL_CFGS["dm_nfnet_f5"], **kwargs)
+
+
+@register_model
+def dm_nfnet_f6(**kwargs: Any) -> NormFreeNet:
+    """NFNet-F6 (DeepMind's release); SE attention."""
+    return NormFreeNet(MODEL_CFGS["dm_nfnet_f6"], **kwargs)
+
+
+# --- NFNet-F in timm's form (gamma folded into the convs, symmetric padding) ----------------------
+@register_model
+def nfnet_f0(**kwargs: Any) -> NormFreeNet:
+    """NFNet-F0 (timm's form: gamma in the Scaled WS convs, symmetric padding); SE attention."""
+    return NormFreeNet(MODEL_CFGS["nfnet_f0"], **kwargs)
+
+
+@register_model
+def nfnet_f1(**kwargs: Any) -> NormFreeNet:
+    """NFNet-F1 (timm's form); SE attention."""
+    return NormFreeNet(MODEL_CFGS["nfnet_f1"], **kwargs)
+
+
+@register_model
+def nfnet_f2(**kwargs: Any) -> NormFreeNet:
+    """NFNet-F2 (timm's form); SE attention."""
+    return NormFreeNet(MODEL_CFGS["nfnet_f2"], **kwargs)
+
+
+@register_model
+def nfnet_f3(**kwargs: Any) -> NormFreeNet:
+    """NFNet-F3 (timm's form); SE attention."""
+    return NormFreeNet(MODEL_CFGS["nfnet_f3"], **kwargs)
+
+
+@register_model
+def nfnet_f4(**kwargs: Any) -> NormFreeNet:
+    """NFNet-F4 (timm's form); SE attention."""
+    return NormFreeNet(MODEL_CFGS["nfnet_f4"], **kwargs)
+
+
+@register_model
+def nfnet_f5(**kwargs: Any) -> NormFreeNet:
+    """NFNet-F5 (timm's form); SE attention."""
+    return NormFreeNet(MODEL_CFGS["nfnet_f5"], **kwargs)
+
+
+@register_model
+def nfnet_f6(**kwargs: Any) -> NormFreeNet:
+    """NFNet-F6 (timm's form); SE attention."""
+    return NormFreeNet(MODEL_CFGS["nfnet_f6"], **kwargs)
+
+
+@register_model
+def nfnet_f7(**kwargs: Any) -> NormFreeNet:
+    """NFNet-F7 (timm's form; the paper's largest, no DeepMind release); SE attention."""
+    return NormFreeNet(MODEL_CFGS["nfnet_f7"], **kwargs)
+
+
+# --- light NFNets (timm's L variants: group width 64, bottleneck 0.25, SiLU) -----------------------
+@register_model
+def nfnet_l0(**kwargs: Any) -> NormFreeNet:
+    """NFNet-L0: the F0 layout made light (group width 64, 0.25 bottleneck, SiLU, 1.5x final width); SE attention."""
+    return NormFreeNet(MODEL_CFGS["nfnet_l0"], **kwargs)
+
+
+@register_model
+def eca_nfnet_l0(**kwargs: Any) -> NormFreeNet:
+    """ECA-NFNet-L0: NFNet-L0 with Efficient Channel Attention instead of SE."""
+    return NormFreeNet(MODEL_CFGS["eca_nfnet_l0"], **kwargs)
+
+
+@register_model
+def eca_nfnet_l1(**kwargs: Any) -> NormFreeNet:
+    """ECA-NFNet-L1: the F1 depths, light, with Efficient Channel Attention."""
+    return NormFreeNet(MODEL_CFGS["eca_nfnet_l1"], **kwargs)
+
+
+@register_model
+def eca_nfnet_l2(**kwargs: Any) -> NormFreeNet:
+    """ECA-NFNet-L2: the F2 depths, light, with Efficient Channel Attention."""
+    return NormFreeNet(MODEL_CFGS["eca_nfnet_l2"], **kwargs)
+
+
+@register_model
+def eca_nfnet_l3(**kwargs: Any) -> NormFreeNet:
+    """ECA-NFNet-L3: the F3 depths, light, with Efficient Channel Attention."""
+    return NormFreeNet(MODEL_CFGS["eca_nfnet_l3"], **kwargs)
+
+
+# --- NF-RegNets (grouped 3x3 blocks of width 8, inverted-bottleneck ratio 2.25, SE) ------------------
+@register_model
+def nf_regnet_b0(**kwargs: Any) -> NormFreeNet:
+    """NF-RegNet-B0 (EfficientNet-B0-like widths and depths); SE attention."""
+    return NormFreeNet(MODEL_CFGS["nf_regnet_b0"], **kwargs)
+
+
+@register_model
+def nf_regnet_b1(**kwargs: Any) -> NormFreeNet:
+    """NF-RegNet-B1; SE attention."""
+    return NormFreeNet(MODEL_CFGS["nf_regnet_b1"], **kwargs)
+
+
+@register_model
+def nf_regnet_b2(**kwargs: Any) -> NormFreeNet:
+    """NF-RegNet-B2; SE attention."""
+    return NormFreeNet(MODEL_CFGS["nf_regnet_b2"], **kwargs)
+
+
+@register_model
+def nf_regnet_b3(**kwargs: Any) -> NormFreeNet:
+    """NF-RegNet-B3; SE attention."""
+    return NormFreeNet(MODEL_CFGS["nf_regnet_b3"], **kwargs)
+
+
+@register_model
+def nf_regnet_b4(**kwargs: Any) -> NormFreeNet:
+    """NF-RegNet-B4; SE attention."""
+    return NormFreeNet(MODEL_CFGS["nf_regnet_b4"], **kwargs)
+
+
+@register_model
+def nf_regnet_b5(**kwargs: Any) -> NormFreeNet:
+    """NF-RegNet-B5; SE attention."""
+    return NormFreeNet(MODEL_CFGS["nf_regnet_b5"], **kwargs)
+
+
+# --- NF-ResNets (ResNet-D shortcuts, ReLU, no attention / SE / ECA) ---------------------------------
+@register_model
+def nf_resnet26(**kwargs: Any) -> NormFreeNet:
+    """NF-ResNet-26: a normalizer-free ResNet-D, no attention."""
+    return NormFreeNet(MODEL_CFGS["nf_resnet26"], **kwargs)
+
+
+@register_model
+def nf_resnet50(**kwargs: Any) -> NormFreeNet:
+    """NF-ResNet-50: a normalizer-free ResNet-D, no attention."""
+    return NormFreeNet(MODEL_CFGS["nf_resnet50"], **kwargs)
+
+
+@register_model
+def nf_resnet101(**kwargs: Any) -> NormFreeNet:
+    """NF-ResNet-101: a normalizer-free ResNet-D, no attention."""
+    return NormFreeNet(MODEL_CFGS["nf_resnet101"], **kwargs)
+
+
+@register_model
+def nf_seresnet26(**kwargs: Any) -> NormFreeNet:
+    """NF-SE-ResNet-26: NF-ResNet-26 with Squeeze-and-Excitation (ratio 1/16)."""
+    return NormFreeNet(MODEL_CFGS["nf_seresnet26"], **kwargs)
+
+
+@register_model
+def nf_seresnet50(**kwargs: Any) -> NormFreeNet:
+    """NF-SE-ResNet-50: NF-ResNet-50 with Squeeze-and-Excitation (ratio 1/16)."""
+    return NormFreeNet(MODEL_CFGS["nf_seresnet50"], **kwargs)
+
+
+@register_model
+def nf_seresnet101(**kwargs: Any) -> NormFreeNet:
+    """NF-SE-ResNet-101: NF-ResNet-101 with Squeeze-and-Excitation (ratio 1/16)."""
+    return NormFreeNet(MODEL_CFGS["nf_seresnet101"], **kwargs)
+
+
+@register_model
+def nf_ecaresnet26(**kwargs: Any) -> NormFreeNet:
+    """NF-ECA-ResNet-26: NF-ResNet-26 with Efficient Channel Attention."""
+    return NormFreeNet(MODEL_CFGS["nf_ecaresnet26"], **kwargs)
+
+
+@register_model
+def nf_ecaresnet50(**kwargs: Any) -> NormFreeNet:
+    """NF-ECA-ResNet-50: NF-ResNet-50 with Efficient Channel Attention."""
+    return NormFreeNet(MODEL_CFGS["nf_ecaresnet50"], **kwargs)
+
+
+@register_model
+def nf_ecaresnet101(**kwargs: Any) -> NormFreeNet:
+    """NF-ECA-ResNet-101: NF-ResNet-101 with Efficient Channel Attention."""
+    return NormFreeNet(MODEL_CFGS["nf_ecaresnet101"], **kwargs)

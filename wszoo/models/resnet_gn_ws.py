@@ -7,8 +7,6 @@ names are exactly torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1``, ``downs
 ``bn*`` modules hold GroupNorm), so the released checkpoints and torchvision-style tools need no
 key remapping.
 """
-from __future__ import annotations
-
 from functools import partial
 from typing import Callable, List, Optional, Sequence
 
@@ -18,7 +16,7 @@ from timm.layers import DropPath, SelectAdaptivePool2d
 
 from ..layers import WSConv2d
 from ..registry import register_model
-from ._helpers import init_conv_and_norm, checkpoint_blocks, stage_strides_and_dilations
+from .helpers import checkpoint_blocks, init_classifier_, init_conv_and_norm, stage_strides_and_dilations
 
 __all__ = ["GNWSResNet", "Bottleneck"]
 
@@ -40,7 +38,6 @@ class Bottleneck(nn.Module):
         groups: int = 1,
         base_width: int = 64,
         dilation: int = 1,
-        first_dilation: int = 1,
         conv_layer: Callable[..., nn.Module] = WSConv2d,
         norm_layer: Callable[[int], nn.Module] = partial(nn.GroupNorm, 32),
         drop_path_rate: float = 0.0,
@@ -49,9 +46,7 @@ class Bottleneck(nn.Module):
         width = int(planes * (base_width / 64.0)) * groups
         self.conv1 = conv_layer(inplanes, width, 1, padding=0)
         self.bn1 = norm_layer(width)
-        self.conv2 = conv_layer(
-            width, width, 3, stride=stride, padding=first_dilation, dilation=first_dilation, groups=groups
-        )
+        self.conv2 = conv_layer(width, width, 3, stride=stride, padding=dilation, dilation=dilation, groups=groups)
         self.bn2 = norm_layer(width)
         self.conv3 = conv_layer(width, planes * self.expansion, 1, padding=0)
         self.bn3 = norm_layer(planes * self.expansion)
@@ -83,6 +78,9 @@ class GNWSResNet(nn.Module):
         drop_rate: dropout before the classifier; drop_path_rate: stochastic depth, linear over blocks.
         zero_init_last: start every residual branch at zero (the last GN's scale), for training from scratch.
     """
+
+    # features_only: the stages are top-level modules in torchvision's layout ('layer1'); keep them as they are
+    feature_wrap_cfg = {"flatten_sequential": False}
 
     def __init__(
         self,
@@ -119,8 +117,9 @@ class GNWSResNet(nn.Module):
         block_rates = torch.linspace(0, drop_path_rate, sum(layers), device="cpu").tolist()
         inplanes, reduction, block_idx = 64, 4, 0
         strides = stage_strides_and_dilations((1, 2, 2, 2), output_stride)
-        for stage_idx, (depth, planes, (stride, dilation)) in enumerate(zip(layers, (64, 128, 256, 512), strides)):
-            first_dilation = 1 if dilation in (1, 2) else 2
+        for stage_idx, (depth, planes, (stride, dilation, first_dilation)) in enumerate(
+            zip(layers, (64, 128, 256, 512), strides, strict=True)
+        ):
             blocks: List[nn.Module] = []
             for i in range(depth):
                 downsample = None
@@ -131,7 +130,7 @@ class GNWSResNet(nn.Module):
                     )
                 blocks.append(Bottleneck(
                     inplanes, planes, stride=stride if i == 0 else 1, downsample=downsample, groups=groups,
-                    base_width=width_per_group, dilation=dilation, first_dilation=first_dilation if i == 0 else dilation,
+                    base_width=width_per_group, dilation=first_dilation if i == 0 else dilation,
                     conv_layer=conv_layer, norm_layer=norm_layer, drop_path_rate=block_rates[block_idx],
                 ))
                 inplanes = planes * Bottleneck.expansion
@@ -164,6 +163,11 @@ class GNWSResNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
+    @property
+    def global_pool_type(self) -> str:
+        """The global pooling now in use (``'avg'``, ``'max'``, ``''`` ...), as ``reset_classifier`` takes it."""
+        return self.avgpool.pool_type
+
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace the classifier (new random ``fc``, 0 for none), optionally with another pooling."""
         self.num_classes = num_classes
@@ -171,9 +175,7 @@ class GNWSResNet(nn.Module):
             self.avgpool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
         device = next(self.parameters()).device
         self.fc = self._make_fc(num_classes).to(device)
-        if isinstance(self.fc, nn.Linear):
-            nn.init.normal_(self.fc.weight, std=0.01)
-            nn.init.zeros_(self.fc.bias)
+        init_classifier_(self.fc)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -194,29 +196,25 @@ class GNWSResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _resnet_gn_ws(layers: Sequence[int], **kwargs) -> GNWSResNet:
-    return GNWSResNet(layers, **kwargs)
-
-
 @register_model
 def resnet50_gn_ws(**kwargs) -> GNWSResNet:
     """ResNet-50 with GN+WS (Qiao et al. 2019): 76.28% ImageNet top-1 for the authors' release."""
-    return _resnet_gn_ws((3, 4, 6, 3), **kwargs)
+    return GNWSResNet((3, 4, 6, 3), **kwargs)
 
 
 @register_model
 def resnet101_gn_ws(**kwargs) -> GNWSResNet:
     """ResNet-101 with GN+WS (Qiao et al. 2019): 77.90% ImageNet top-1 for the authors' release."""
-    return _resnet_gn_ws((3, 4, 23, 3), **kwargs)
+    return GNWSResNet((3, 4, 23, 3), **kwargs)
 
 
 @register_model
 def resnext50_32x4d_gn_ws(**kwargs) -> GNWSResNet:
     """ResNeXt-50 32x4d with GN+WS (Qiao et al. 2019): 77.29% ImageNet top-1 for the authors' release."""
-    return _resnet_gn_ws((3, 4, 6, 3), groups=32, width_per_group=4, **kwargs)
+    return GNWSResNet((3, 4, 6, 3), groups=32, width_per_group=4, **kwargs)
 
 
 @register_model
 def resnext101_32x4d_gn_ws(**kwargs) -> GNWSResNet:
     """ResNeXt-101 32x4d with GN+WS (Qiao et al. 2019): 78.20% ImageNet top-1 for the authors' release."""
-    return _resnet_gn_ws((3, 4, 23, 3), groups=32, width_per_group=4, **kwargs)
+    return GNWSResNet((3, 4, 23, 3), groups=32, width_per_group=4, **kwargs)

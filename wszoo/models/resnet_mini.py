@@ -10,8 +10,6 @@ same network can be compared with BatchNorm, GroupNorm, GroupNorm + WS and Batch
 * ``resnet_mini_gn``: GroupNorm, plain convs;
 * ``resnet_mini_bn``: BatchNorm, plain convs.
 """
-from __future__ import annotations
-
 from functools import partial
 from typing import Callable, Optional, Sequence
 
@@ -21,7 +19,7 @@ from timm.layers import ClassifierHead
 
 from ..layers import BatchChannelNorm2d, WSConv2d
 from ..registry import register_model
-from ._helpers import ClassifierHeadApi, init_conv_and_norm, checkpoint_blocks
+from .helpers import ClassifierHeadApi, checkpoint_blocks, init_conv_and_norm
 
 __all__ = ["MiniResNet", "make_norm"]
 
@@ -61,6 +59,9 @@ class BasicBlock(nn.Module):
 class MiniResNet(ClassifierHeadApi, nn.Module):
     """Small CIFAR-style ResNet with a selectable normalizer and optional weight standardization."""
 
+    # features_only: the stage taps ('stages.0') sit inside a Sequential, which must be flattened
+    feature_wrap_cfg = {"flatten_sequential": True}
+
     def __init__(
         self,
         num_classes: int = 10,
@@ -90,7 +91,7 @@ class MiniResNet(ClassifierHeadApi, nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.feature_info = [dict(num_chs=widths[0], reduction=1, module="relu")]
         stages, prev, reduction = [], widths[0], 1
-        for i, (width, depth) in enumerate(zip(widths, depths)):
+        for i, (width, depth) in enumerate(zip(widths, depths, strict=True)):
             stride = 1 if i == 0 else 2
             reduction *= stride
             stages.append(nn.Sequential(*[

@@ -6,8 +6,6 @@ GroupNorm(32) + ReLU before every conv (He et al. 2016, "Identity Mappings"), th
 conv, and the 'fixed' stem (7x7/2 conv, zero pad 1, 3x3/2 max pool). Module names are key-for-key
 those of timm's ``resnetv2_*_bit`` models, so the ``timm/`` Hub checkpoints load unchanged.
 """
-from __future__ import annotations
-
 from collections import OrderedDict
 from functools import partial
 from typing import Callable, Optional, Sequence
@@ -18,7 +16,7 @@ from timm.layers import ClassifierHead, DropPath
 
 from ..layers import GroupNormAct, WSConv2d
 from ..registry import register_model
-from ._helpers import ClassifierHeadApi, init_conv_and_norm, checkpoint_blocks, stage_strides_and_dilations
+from .helpers import ClassifierHeadApi, checkpoint_blocks, init_conv_and_norm, stage_strides_and_dilations
 
 __all__ = ["ResNetV2", "PreActBottleneck"]
 
@@ -72,11 +70,10 @@ class PreActBottleneck(nn.Module):
 class ResNetStage(nn.Module):
     """A run of bottlenecks; the first projects the shortcut (``stages.i.blocks.j``)."""
 
-    def __init__(self, in_chs: int, out_chs: int, depth: int, stride: int, dilation: int,
+    def __init__(self, in_chs: int, out_chs: int, depth: int, stride: int, dilation: int, first_dilation: int,
                  block_rates: Sequence[float], **block_kwargs) -> None:
         super().__init__()
         self.grad_checkpointing = False
-        first_dilation = 1 if dilation in (1, 2) else 2
         blocks = []
         for i in range(depth):
             blocks.append(PreActBottleneck(
@@ -106,6 +103,9 @@ class ResNetV2(ClassifierHeadApi, nn.Module):
         drop_rate: dropout before the classifier; drop_path_rate: stochastic depth (rate per stage
             rising linearly, as timm's).
     """
+
+    # features_only: the taps sit inside Sequential containers ('stem.conv', 'stages.0'), which must be flattened
+    feature_wrap_cfg = {"flatten_sequential": True}
 
     def __init__(
         self,
@@ -142,12 +142,12 @@ class ResNetV2(ClassifierHeadApi, nn.Module):
         prev_chs, reduction = stem_chs, 4
         self.stages = nn.Sequential()
         strides = stage_strides_and_dilations((1, 2, 2, 2), output_stride)
-        for idx, (depth, chs, (stride, dilation), rates) in enumerate(
-            zip(layers, (256, 512, 1024, 2048), strides, all_rates)
+        for idx, (depth, chs, (stride, dilation, first_dilation), rates) in enumerate(
+            zip(layers, (256, 512, 1024, 2048), strides, all_rates, strict=True)
         ):
             out_chs = chs * width_factor
             self.stages.add_module(str(idx), ResNetStage(
-                prev_chs, out_chs, depth, stride, dilation, rates.tolist(),
+                prev_chs, out_chs, depth, stride, dilation, first_dilation, rates.tolist(),
                 conv_layer=conv_layer, norm_layer=norm_layer,
             ))
             prev_chs, reduction = out_chs, reduction * stride
@@ -168,41 +168,37 @@ class ResNetV2(ClassifierHeadApi, nn.Module):
         return self.norm(self.stages(self.stem(x)))
 
 
-def _bit(layers: Sequence[int], width_factor: int, **kwargs) -> ResNetV2:
-    return ResNetV2(layers, width_factor=width_factor, **kwargs)
-
-
 @register_model
 def resnetv2_50x1_bit(**kwargs) -> ResNetV2:
     """BiT-M R50x1."""
-    return _bit((3, 4, 6, 3), 1, **kwargs)
+    return ResNetV2((3, 4, 6, 3), width_factor=1, **kwargs)
 
 
 @register_model
 def resnetv2_50x3_bit(**kwargs) -> ResNetV2:
     """BiT-M R50x3."""
-    return _bit((3, 4, 6, 3), 3, **kwargs)
+    return ResNetV2((3, 4, 6, 3), width_factor=3, **kwargs)
 
 
 @register_model
 def resnetv2_101x1_bit(**kwargs) -> ResNetV2:
     """BiT-M R101x1."""
-    return _bit((3, 4, 23, 3), 1, **kwargs)
+    return ResNetV2((3, 4, 23, 3), width_factor=1, **kwargs)
 
 
 @register_model
 def resnetv2_101x3_bit(**kwargs) -> ResNetV2:
     """BiT-M R101x3."""
-    return _bit((3, 4, 23, 3), 3, **kwargs)
+    return ResNetV2((3, 4, 23, 3), width_factor=3, **kwargs)
 
 
 @register_model
 def resnetv2_152x2_bit(**kwargs) -> ResNetV2:
     """BiT-M R152x2."""
-    return _bit((3, 8, 36, 3), 2, **kwargs)
+    return ResNetV2((3, 8, 36, 3), width_factor=2, **kwargs)
 
 
 @register_model
 def resnetv2_152x4_bit(**kwargs) -> ResNetV2:
     """BiT-M R152x4."""
-    return _bit((3, 8, 36, 3), 4, **kwargs)
+    return ResNetV2((3, 8, 36, 3), width_factor=4, **kwargs)
