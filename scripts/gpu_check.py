@@ -58,7 +58,8 @@ def main(out_dir: str) -> int:
         with wszoo.accumulate_ws(twin):
             for i in range(4):
                 (F.cross_entropy(twin(x[i:i + 1]), y[i:i + 1]) / 4).backward()
-        checks["accumulate_grad_rel"] = max(rel(q.grad, p.grad) for p, q in zip(model.parameters(), twin.parameters())
+        checks["accumulate_grad_rel"] = max(rel(q.grad, p.grad)
+                                            for p, q in zip(model.parameters(), twin.parameters(), strict=True)
                                             if p.grad is not None)
         # channels-last training step
         cl = copy.deepcopy(model).to(memory_format=torch.channels_last)

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 import wszoo
-from wszoo.bench import _interleaved, _train_step
+from wszoo.bench import time_interleaved, train_step_fn
 
 
 def step_fn(model, images, targets):
-    return _train_step(model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), images, targets)
+    return train_step_fn(model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), images, targets)
 
 
 def main(out_dir: str, models) -> int:
@@ -41,7 +41,7 @@ def main(out_dir: str, models) -> int:
             for _ in range(3):  # compile + warm up
                 fns[key]()
         compile_s = time.perf_counter() - t0
-        best = _interleaved(fns, repeats=10, warmup=1, device=dev)
+        best = time_interleaved(fns, repeats=10, warmup=1, device=dev)
         entry = {k: round(v * 1e3, 2) for k, v in best.items()}
         entry["eager_ws_vs_plain"] = round(best["ws_eager"] / best["plain_eager"], 3)
         entry["compiled_ws_vs_plain"] = round(best["ws_compiled"] / best["plain_compiled"], 3)

@@ -2,7 +2,6 @@
 import json
 import math
 
-
 from wszoo.bench import benchmark_model, format_report, run_benchmarks
 from wszoo.cli import main
 

@@ -51,7 +51,8 @@ def make_bad(kind, model, tmp_path):
         (tmp_path / "e.safetensors").write_bytes(b"")
         return tmp_path / "e.safetensors", "empty or truncated"
     if kind == "random_bytes":
-        (tmp_path / "r.safetensors").write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes()[1:] + b"\x00")
+        noise = torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes()
+        (tmp_path / "r.safetensors").write_bytes(noise[1:] + b"\x00")
         return tmp_path / "r.safetensors", "not a readable safetensors file"
     if kind == "truncated":
         path = write(tmp_path, state)

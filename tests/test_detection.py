@@ -76,7 +76,7 @@ def test_train_step_and_predictions(kind):
     model = build_detector(kind, BACKBONE, num_classes=3, **kwargs)
     assert model.transform.image_mean == list(wszoo.get_pretrained_cfg(BACKBONE)["mean"])
     for batch in ([scene(0), scene(1)], [scene(1)]):  # 2 images, then the micro-batch case of 1
-        images, targets = zip(*batch)
+        images, targets = zip(*batch, strict=True)
         model.train()
         losses = model(list(images), list(targets))
         assert all(torch.isfinite(v) for v in losses.values())
@@ -98,7 +98,7 @@ def test_train_step_and_predictions(kind):
 def test_detector_overfits_two_images():
     torch.manual_seed(0)
     model = build_detector("fasterrcnn", BACKBONE, num_classes=3, **SMALL)
-    images, targets = zip(*[scene(0), scene(1)])
+    images, targets = zip(*[scene(0), scene(1)], strict=True)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     model.train()
     history = []

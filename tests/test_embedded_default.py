@@ -18,7 +18,7 @@ def test_shipped_weights_load_by_tag_checkpoint_and_local_dir():
     c = wszoo.create_model(f"local-dir:{WEIGHTS}", pretrained=True)
     assert a.in_chans == 1 and a.num_classes == 10
     for other in (b, c):
-        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), other.state_dict().values()))
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), other.state_dict().values(), strict=True))
     assert (WEIGHTS / "model.safetensors").stat().st_size < 5_000_000
     assert json.loads((WEIGHTS / "config.json").read_text())["architecture"] == "resnet_mini_gn_ws"
 

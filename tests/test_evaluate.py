@@ -14,7 +14,7 @@ from timm.data import create_transform
 import wszoo
 from tests.data_fixtures import make_image_folder
 from wszoo.cli import main
-from wszoo.train import data_config_for
+from wszoo.data import data_config_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,8 @@ def test_eval_csv(setup, tmp_path):
     root, ckpt, _ = setup
     out = tmp_path / "r.csv"
     assert main(["eval", "--model", "resnet_mini_gn_ws", "--checkpoint", str(ckpt), "--num-classes", "3",
-                 "--in-chans", "3", "--data-dir", str(root), "--results-file", str(out), "--results-format", "csv"]) == 0
+                 "--in-chans", "3", "--data-dir", str(root), "--results-file", str(out),
+                 "--results-format", "csv"]) == 0
     header, row = out.read_text().splitlines()
     assert header.startswith("top1,top5,loss,num_samples") and row.count(",") == header.count(",")
 

@@ -16,7 +16,8 @@ def test_readme_examples_run():
     # the values the README's comments promise
     assert namespace["logits"].shape == (1, 10)
     assert tuple(namespace["features"].shape) == (1, 2048, 7, 7)
-    assert (namespace["bit"].pretrained_cfg["input_size"], namespace["bit"].pretrained_cfg["crop_pct"]) == ((3, 448, 448), 1.0)
+    bit_cfg = namespace["bit"].pretrained_cfg
+    assert (bit_cfg["input_size"], bit_cfg["crop_pct"]) == ((3, 448, 448), 1.0)
     assert namespace["wszoo"].list_models("resnet*")[:3] == ["resnet50_gn_ws", "resnet101_gn_ws", "resnet_mini_bcn_ws"]
     report = namespace["report"]  # torchvision's ResNet-50 converted to GN+WS in two lines
     assert (len(report.converted), len(report.skipped), len(report.norms)) == (53, 1, 53)

@@ -37,7 +37,8 @@ def test_fold_ws_gives_plain_layers_and_the_same_outputs(name):
         ref = model(x)
         folded = wszoo.fold_ws(model)
         out = folded(x)
-    assert ws_layers(folded) == [] and len(ws_layers(model)) > 0, "fold_ws must leave no WS layer, and the source intact"
+    assert ws_layers(folded) == [] and len(ws_layers(model)) > 0, \
+        "fold_ws must leave no WS layer, and the source intact"
     assert rel_diff(out, ref) < 1e-5
     assert set(folded.state_dict()) <= set(model.state_dict()), "folded keys are a subset (gains are baked in)"
     assert folded is not model and not folded.training
@@ -112,7 +113,7 @@ def test_accumulate_ws_gives_the_same_gradients(name, checkpointing):
     assert plain.keys() == accumulated.keys() and any(n.endswith("gain") for n in plain) == name.startswith("nf")
     for n in plain:
         assert rel_diff(accumulated[n], plain[n]) < 1e-4, n
-    assert all("_ws_accumulated" not in m.__dict__ for _, m in ws_layers(model)), "the context must clean up"
+    assert not any(m.is_accumulating for _, m in ws_layers(model)), "the context must clean up"
 
 
 def test_accumulate_ws_adds_to_existing_gradients_and_skips_frozen_layers():
@@ -139,7 +140,7 @@ def test_accumulate_ws_applies_nothing_on_error_and_refuses_misuse():
             model(x).sum().backward()
             raise KeyError("interrupted")
     assert all(p.grad is None for p in model.parameters() if p.dim() == 4), "no gradient may reach WS weights"
-    assert all("_ws_accumulated" not in m.__dict__ for _, m in ws_layers(model))
+    assert not any(m.is_accumulating for _, m in ws_layers(model))
     with wszoo.accumulate_ws(model):
         with pytest.raises(RuntimeError, match="already inside"):
             with wszoo.accumulate_ws(model):
@@ -182,7 +183,7 @@ def test_torch_compile_trains_and_evaluates(name):
     compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
     F.cross_entropy(compiled(x), y).backward()
     F.cross_entropy(reference(x), y).backward()
-    for (n, p), q in zip(model.named_parameters(), reference.parameters()):
+    for (n, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         if q.grad is not None:
             assert rel_diff(p.grad, q.grad) < 1e-4, n
     model.eval()
@@ -219,7 +220,7 @@ def test_channels_last_gives_the_same_forward_and_gradients():
     conv = cl.stem.conv
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert conv.standardized_weight().is_contiguous(memory_format=torch.channels_last)
-    for (n, p), q in zip(cl.named_parameters(), model.parameters()):
+    for (n, p), q in zip(cl.named_parameters(), model.parameters(), strict=True):
         assert rel_diff(p.grad, q.grad) < 1e-9, n
 
 
@@ -230,7 +231,7 @@ def test_cached_eval_under_bf16_autocast_convolves_in_bf16_with_float32_statisti
         out = conv(x)
         out2 = conv(x)
     assert out.dtype == torch.bfloat16 and torch.equal(out, out2)
-    assert conv.__dict__["_ws_cache"][2].dtype == torch.float32
+    assert conv.cached_weight().dtype == torch.float32
     with torch.no_grad():
         assert rel_diff(out.float(), conv(x)) < 2e-2
 

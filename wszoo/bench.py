@@ -15,24 +15,24 @@ the medians are in the JSON too), so drift moves numerator and denominator toget
 - memory: bytes autograd saves for backward in one training step (WS vs plain), bytes the eval cache
   holds, and on CUDA the peak allocated memory of each training step.
 """
-from __future__ import annotations
-
 import contextlib
 import copy
 import json
 import platform
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import registry
+from .factory import create_model
 from .speed import accumulate_ws, fold_ws, tune_cpu_allocator, ws_layers
 
-__all__ = ["benchmark_model", "run_benchmarks", "format_report", "write_report", "DEFAULT_MODELS"]
+__all__ = ["benchmark_model", "run_benchmarks", "format_report", "write_report", "time_interleaved", "train_step_fn",
+           "DEFAULT_MODELS"]
 
 #: The models the speed issue's targets are stated for.
 DEFAULT_MODELS = ("resnetv2_50x1_bit", "nf_resnet50", "resnet50_gn_ws")
@@ -43,7 +43,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _interleaved(fns: Dict[str, Callable[[], Any]], repeats: int, warmup: int, device: torch.device,
+def time_interleaved(fns: Dict[str, Callable[[], Any]], repeats: int, warmup: int, device: torch.device,
                  medians: Optional[Dict[str, float]] = None) -> Dict[str, float]:
     """Best-of-``repeats`` seconds per call of each fn, timing them round-robin so drift hits all alike;
     ``medians`` (if given) receives the medians."""
@@ -81,7 +81,10 @@ def _saved_bytes(step: Callable[[], Any]) -> int:
     return sum(seen.values())
 
 
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, targets: torch.Tensor) -> Callable[[], None]:
+def train_step_fn(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                  targets: torch.Tensor) -> Callable[[], None]:
+    """One training step (forward, cross-entropy, backward, optimizer step) as a no-argument function."""
+
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(images), targets).backward()
@@ -112,6 +115,108 @@ def _ratio(a: float, b: float) -> float:
     return round(a / b, 3)
 
 
+def _bench_eval(model: nn.Module, plain: nn.Module, name: str, size: int, eval_batch: int, repeats: int,
+                eval_repeats: int, warmup: int, compare_timm: bool, dev: torch.device,
+                ratios: Dict[str, float]) -> Dict[str, Any]:
+    """Eval latency at batch 1 and ``eval_batch``: cached WS vs folded vs timm's model of the same name."""
+    timm_model = None
+    if compare_timm:
+        import timm
+
+        if timm.is_model(name):
+            timm_model = timm.create_model(name, pretrained=False).to(dev).eval()
+    model.eval()
+    plain.eval()
+    result = {}
+    for batch in sorted({1, eval_batch}):
+        x = torch.randn(batch, model.in_chans, size, size, device=dev)
+        fns = {"ws": lambda x=x: model(x), "folded": lambda x=x: plain(x)}
+        if timm_model is not None:
+            fns["timm"] = lambda x=x: timm_model(x)
+        med: Dict[str, float] = {}
+        with torch.inference_mode():
+            t = time_interleaved(fns, eval_repeats if batch == 1 else max(repeats, 5), warmup, dev, med)
+        entry = _entry(t, med, 2)
+        entry["ws_vs_folded"] = ratios[f"eval_b{batch}_ws_vs_folded"] = _ratio(t["ws"], t["folded"])
+        if "timm" in t:
+            entry["timm_vs_folded"] = ratios[f"eval_b{batch}_timm_vs_folded"] = _ratio(t["timm"], t["folded"])
+        result[f"batch{batch}"] = entry
+    return result
+
+
+def _sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+
+def _bench_train(model: nn.Module, plain: nn.Module, size: int, train_batch: int, repeats: int, warmup: int,
+                 channels_last: bool, dev: torch.device, ratios: Dict[str, float]) -> Tuple[Dict[str, Any], Dict]:
+    """A training step (SGD) of the WS model against its plain-conv copy, contiguous and channels-last;
+    returns the timings and the memory each step saves for backward (and its CUDA peak)."""
+    model.train()
+    plain.train()
+    x = torch.randn(train_batch, model.in_chans, size, size, device=dev)
+    y = torch.randint(0, model.num_classes, (train_batch,), device=dev)
+    fns = {"ws": train_step_fn(model, _sgd(model), x, y), "plain": train_step_fn(plain, _sgd(plain), x, y)}
+    if channels_last:
+        model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        plain_cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        fns["ws_cl"] = train_step_fn(model_cl, _sgd(model_cl), x_cl, y)
+        fns["plain_cl"] = train_step_fn(plain_cl, _sgd(plain_cl), x_cl, y)
+    med: Dict[str, float] = {}
+    t = time_interleaved(fns, repeats, warmup, dev, med)
+    entry = _entry(t, med)
+    entry["ws_vs_plain"] = ratios[f"train_b{train_batch}_ws_vs_plain"] = _ratio(t["ws"], t["plain"])
+    if channels_last:
+        entry["ws_cl_vs_plain_cl"] = ratios[f"train_b{train_batch}_channels_last_ws_vs_plain"] = \
+            _ratio(t["ws_cl"], t["plain_cl"])
+        entry["ws_cl_vs_ws"] = ratios[f"train_b{train_batch}_ws_channels_last_vs_contiguous"] = \
+            _ratio(t["ws_cl"], t["ws"])
+    memory = {
+        "train_saved_for_backward_mb_ws": round(_saved_bytes(fns["ws"]) / 2**20, 1),
+        "train_saved_for_backward_mb_plain": round(_saved_bytes(fns["plain"]) / 2**20, 1),
+    }
+    peak_ws, peak_plain = _cuda_peak(dev, fns["ws"]), _cuda_peak(dev, fns["plain"])
+    if peak_ws is not None and peak_plain is not None:
+        memory["train_cuda_peak_mb_ws"] = round(peak_ws / 2**20, 1)
+        memory["train_cuda_peak_mb_plain"] = round(peak_plain / 2**20, 1)
+        ratios["train_cuda_peak_ws_vs_plain"] = _ratio(peak_ws, peak_plain)
+    return entry, memory
+
+
+def _bench_standardize(model: nn.Module, repeats: int, warmup: int, dev: torch.device) -> float:
+    """Milliseconds to standardize every WS weight of ``model``, forward + backward."""
+    layers = [layer for _, layer in ws_layers(model)]
+
+    def standardize_all() -> None:
+        weights = [layer.standardized_weight() for layer in layers]
+        torch.autograd.backward(weights, [torch.ones_like(w) for w in weights])
+        model.zero_grad(set_to_none=True)
+
+    t = time_interleaved({"standardize": standardize_all}, repeats, warmup, dev)
+    return round(t["standardize"] * 1e3, 1)
+
+
+def _bench_accumulate(model: nn.Module, plain: nn.Module, size: int, accum_steps: int, repeats: int, warmup: int,
+                      dev: torch.device, ratios: Dict[str, float]) -> Dict[str, Any]:
+    """One optimizer step over ``accum_steps`` micro-batches of one image: plain, WS, WS in accumulate_ws."""
+    xs = torch.randn(accum_steps, model.in_chans, size, size, device=dev)
+    ys = torch.randint(0, model.num_classes, (accum_steps,), device=dev)
+    opt_ws, opt_plain = _sgd(model), _sgd(plain)
+    fns = {
+        "plain": _accum_step(plain, opt_plain, xs, ys, False),
+        "ws": _accum_step(model, opt_ws, xs, ys, False),
+        "ws_accumulate": _accum_step(model, opt_ws, xs, ys, True),
+    }
+    med: Dict[str, float] = {}
+    t = time_interleaved(fns, repeats, warmup, dev, med)
+    entry = _entry(t, med)
+    entry["ws_vs_plain"] = ratios[f"accum{accum_steps}x1_ws_vs_plain"] = _ratio(t["ws"], t["plain"])
+    entry["ws_accumulate_vs_plain"] = ratios[f"accum{accum_steps}x1_ws_accumulate_vs_plain"] = \
+        _ratio(t["ws_accumulate"], t["plain"])
+    return entry
+
+
 def benchmark_model(
     name: str,
     img_size: Optional[int] = None,
@@ -130,106 +235,22 @@ def benchmark_model(
     module docstring for what is measured. Returns a JSON-ready dict whose ``ratios`` are the headline."""
     torch.manual_seed(seed)
     dev = torch.device(device)
-    model = registry.create_model(name).to(dev)
+    model = create_model(name).to(dev)
     size = img_size or model.pretrained_cfg["input_size"][-1]
-    chans = model.in_chans
-    classes = model.num_classes
     plain = fold_ws(model)  # plain convs holding the standardized weights: a healthy plain-conv net
-    n_ws = len(ws_layers(model))
-    result: Dict[str, Any] = {"model": name, "img_size": size, "ws_layers": n_ws,
+    result: Dict[str, Any] = {"model": name, "img_size": size, "ws_layers": len(ws_layers(model)),
                               "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
     ratios: Dict[str, float] = {}
-
-    # --- eval ------------------------------------------------------------------------------------
-    timm_model = None
-    if compare_timm:
-        import timm
-
-        if timm.is_model(name):
-            timm_model = timm.create_model(name, pretrained=False).to(dev).eval()
-    model.eval()
-    plain.eval()
-    result["eval"] = {}
-    for batch in sorted({1, eval_batch}):
-        x = torch.randn(batch, chans, size, size, device=dev)
-        fns = {"ws": lambda: model(x), "folded": lambda: plain(x)}
-        if timm_model is not None:
-            fns["timm"] = lambda: timm_model(x)
-        med: Dict[str, float] = {}
-        with torch.inference_mode():
-            t = _interleaved(fns, eval_repeats if batch == 1 else max(repeats, 5), warmup, dev, med)
-        entry = _entry(t, med, 2)
-        entry["ws_vs_folded"] = ratios[f"eval_b{batch}_ws_vs_folded"] = _ratio(t["ws"], t["folded"])
-        if "timm" in t:
-            entry["timm_vs_folded"] = ratios[f"eval_b{batch}_timm_vs_folded"] = _ratio(t["timm"], t["folded"])
-        result["eval"][f"batch{batch}"] = entry
-    cache_bytes = 0
-    for _, layer in ws_layers(model):
-        cached = layer.__dict__.get("_ws_cache")
-        cache_bytes += cached[2].numel() * cached[2].element_size() if cached is not None else 0
-    timm_model = None  # free it before the training runs
-
-    # --- training step ---------------------------------------------------------------------------
-    model.train()
-    plain.train()
-    opt_ws = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    opt_plain = torch.optim.SGD(plain.parameters(), lr=1e-4, momentum=0.9)
-    x = torch.randn(train_batch, chans, size, size, device=dev)
-    y = torch.randint(0, classes, (train_batch,), device=dev)
-    fns = {"ws": _train_step(model, opt_ws, x, y), "plain": _train_step(plain, opt_plain, x, y)}
-    if channels_last:
-        model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
-        plain_cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
-        x_cl = x.contiguous(memory_format=torch.channels_last)
-        fns["ws_cl"] = _train_step(model_cl, torch.optim.SGD(model_cl.parameters(), lr=1e-4, momentum=0.9), x_cl, y)
-        fns["plain_cl"] = _train_step(plain_cl, torch.optim.SGD(plain_cl.parameters(), lr=1e-4, momentum=0.9), x_cl, y)
-    med = {}
-    t = _interleaved(fns, repeats, warmup, dev, med)
-    entry = _entry(t, med)
-    entry["ws_vs_plain"] = ratios[f"train_b{train_batch}_ws_vs_plain"] = _ratio(t["ws"], t["plain"])
-    if channels_last:
-        entry["ws_cl_vs_plain_cl"] = ratios[f"train_b{train_batch}_channels_last_ws_vs_plain"] = _ratio(t["ws_cl"], t["plain_cl"])
-        entry["ws_cl_vs_ws"] = ratios[f"train_b{train_batch}_ws_channels_last_vs_contiguous"] = _ratio(t["ws_cl"], t["ws"])
-        fns.pop("ws_cl")
-        fns.pop("plain_cl")
-    result["train"] = entry
-    memory = {
-        "train_saved_for_backward_mb_ws": round(_saved_bytes(fns["ws"]) / 2**20, 1),
-        "train_saved_for_backward_mb_plain": round(_saved_bytes(fns["plain"]) / 2**20, 1),
-        "eval_cache_mb": round(cache_bytes / 2**20, 1),
-        "params_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1),
-    }
-    peak_ws, peak_plain = _cuda_peak(dev, fns["ws"]), _cuda_peak(dev, fns["plain"])
-    if peak_ws is not None and peak_plain is not None:
-        memory["train_cuda_peak_mb_ws"] = round(peak_ws / 2**20, 1)
-        memory["train_cuda_peak_mb_plain"] = round(peak_plain / 2**20, 1)
-        ratios["train_cuda_peak_ws_vs_plain"] = _ratio(peak_ws, peak_plain)
-
-    # --- the standardization alone: every WS layer, forward + backward ---------------------------
-    layers = [layer for _, layer in ws_layers(model)]
-
-    def standardize_all() -> None:
-        weights = [layer.standardized_weight() for layer in layers]
-        torch.autograd.backward(weights, [torch.ones_like(w) for w in weights])
-        model.zero_grad(set_to_none=True)
-
-    t = _interleaved({"standardize": standardize_all}, repeats, warmup, dev)
-    result["standardize_fwd_bwd_ms"] = round(t["standardize"] * 1e3, 1)
-
-    # --- micro-batches of one image --------------------------------------------------------------
-    xs = torch.randn(accum_steps, chans, size, size, device=dev)
-    ys = torch.randint(0, classes, (accum_steps,), device=dev)
-    fns = {
-        "plain": _accum_step(plain, opt_plain, xs, ys, False),
-        "ws": _accum_step(model, opt_ws, xs, ys, False),
-        "ws_accumulate": _accum_step(model, opt_ws, xs, ys, True),
-    }
-    med = {}
-    t = _interleaved(fns, repeats, warmup, dev, med)
-    entry = _entry(t, med)
-    entry["ws_vs_plain"] = ratios[f"accum{accum_steps}x1_ws_vs_plain"] = _ratio(t["ws"], t["plain"])
-    entry["ws_accumulate_vs_plain"] = ratios[f"accum{accum_steps}x1_ws_accumulate_vs_plain"] = _ratio(t["ws_accumulate"], t["plain"])
-    result["accumulate"] = entry
+    result["eval"] = _bench_eval(model, plain, name, size, eval_batch, repeats, eval_repeats, warmup, compare_timm,
+                                 dev, ratios)
+    cached = [layer.cached_weight() for _, layer in ws_layers(model)]
+    cache_bytes = sum(w.numel() * w.element_size() for w in cached if w is not None)
+    result["train"], memory = _bench_train(model, plain, size, train_batch, repeats, warmup, channels_last, dev,
+                                           ratios)
+    memory["eval_cache_mb"] = round(cache_bytes / 2**20, 1)
+    memory["params_mb"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1)
+    result["standardize_fwd_bwd_ms"] = _bench_standardize(model, repeats, warmup, dev)
+    result["accumulate"] = _bench_accumulate(model, plain, size, accum_steps, repeats, warmup, dev, ratios)
     result["memory"] = memory
     result["ratios"] = ratios
     return result
@@ -265,7 +286,8 @@ def format_report(report: Dict[str, Any]) -> str:
     lines = ["| ratio | " + " | ".join(r["model"] for r in results) + " |",
              "|---|" + "---:|" * len(results)]
     for k in keys:
-        lines.append(f"| {k} | " + " | ".join(f"{r['ratios'][k]:.3f}x" if k in r["ratios"] else "-" for r in results) + " |")
+        cells = (f"{r['ratios'][k]:.3f}x" if k in r["ratios"] else "-" for r in results)
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     m = report["machine"]
     lines.append("")
     lines.append(f"{m['processor']}, {m['threads']} threads, torch {m['torch']}, device {m['device']}"

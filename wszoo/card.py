@@ -4,15 +4,13 @@ Parameters and GMACs are computed, not copied: the model is built on the meta de
 weights) and ``torch.utils.flop_counter`` counts its multiply-accumulates for one image at the tag's
 ``input_size`` (convolutions and matrix products; norms and activations are not counted).
 """
-from __future__ import annotations
-
-import json
 from typing import Dict, List, Tuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import registry
+from .factory import create_model
 
 __all__ = ["render_model_card", "params_and_gmacs", "param_count"]
 
@@ -40,13 +38,13 @@ standardization itself does. Published accuracies hold for the preprocessing lis
 
 def param_count(name: str) -> int:
     with torch.device("meta"):
-        return sum(p.numel() for p in registry.create_model(name).parameters())
+        return sum(p.numel() for p in create_model(name).parameters())
 
 
 def params_and_gmacs(name: str, input_size: Tuple[int, int, int]) -> Tuple[int, float]:
     """Parameter count and GMACs (batch 1) of ``name`` at ``input_size``, computed on the meta device."""
     with torch.device("meta"):
-        model = registry.create_model(name).eval()
+        model = create_model(name).eval()
         x = torch.empty(1, *input_size)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model(x)
@@ -94,7 +92,7 @@ def _family_section(data: Dict) -> List[str]:
 
 def render_model_card() -> str:
     """The full text of MODEL_CARD.md."""
-    families = [json.loads(text) for _, text in registry._config_files()]
+    families = registry.family_configs()
     lines = [_INTRO]
     for data in families:
         lines += _family_section(data)

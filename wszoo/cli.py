@@ -4,8 +4,6 @@ Subcommands: ``list`` (the registry), ``info`` (one model: parameters, preproces
 optional timed forward pass), ``eval`` and ``finetune``, ``convert`` (original checkpoints to safetensors), ``card``
 (MODEL_CARD.md from configs/), ``demo`` (what ``make demo`` runs).
 """
-from __future__ import annotations
-
 import argparse
 import json
 import sys
@@ -15,7 +13,8 @@ from typing import List, Optional, Sequence
 import torch
 
 from . import registry
-from .hub import PretrainedWeightsError
+from .factory import create_model
+from .hub import WEIGHTS_NAME, PretrainedWeightsError
 
 __all__ = ["main", "build_parser"]
 
@@ -56,7 +55,7 @@ def _forward_report(model: torch.nn.Module, img_size: Sequence[int], batch_size:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    model = registry.create_model(args.model, num_classes=args.num_classes, checkpoint_path=args.checkpoint)
+    model = create_model(args.model, num_classes=args.num_classes, checkpoint_path=args.checkpoint)
     cfg = model.pretrained_cfg
     info = {
         "model": args.model,
@@ -102,7 +101,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     families = {family: name for family, (_, name) in smallest.items()}
     torch.manual_seed(0)
     for family, name in sorted(families.items()):
-        model = registry.create_model(name)
+        model = create_model(name)
         size = args.img_size if model.in_chans == 3 else model.pretrained_cfg["input_size"][-1]
         report = _forward_report(model, [model.in_chans, size, size], 1)
         print(
@@ -113,7 +112,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert_deepmind_nfnet, convert_torch_checkpoint
+    from .convert_weights import convert_deepmind_nfnet, convert_torch_checkpoint
 
     overrides = {}
     if args.ws_style:
@@ -153,7 +152,7 @@ def _checkpoint_file(path: Optional[str]) -> Optional[str]:
     from pathlib import Path
 
     if path and Path(path).is_dir():
-        return str(Path(path) / "model.safetensors")
+        return str(Path(path) / WEIGHTS_NAME)
     return path
 
 
@@ -162,14 +161,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import io
     import logging
 
-    from .data import class_count, create_dataset
-    from .evaluate import evaluate, init_distributed, is_main_process
-    from .train import data_config_for
     from timm.data import create_transform
+
+    from .data import class_count, create_dataset, data_config_for
+    from .distributed import init_distributed, is_main_process
+    from .evaluate import evaluate
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rank, world, device = init_distributed()
-    model = registry.create_model(args.model, pretrained=args.pretrained, checkpoint_path=_checkpoint_file(args.checkpoint),
+    model = create_model(args.model, pretrained=args.pretrained, checkpoint_path=_checkpoint_file(args.checkpoint),
                                   num_classes=args.num_classes, in_chans=args.in_chans)
     cfg = data_config_for(model, args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation,
                           mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None)
@@ -251,15 +251,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wszoo", description="Weight Standardization model zoo")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_list_parser(sub) -> None:
     p = sub.add_parser("list", help="list registered models")
     p.add_argument("filter", nargs="?", default="", help="shell wildcard, e.g. 'resnetv2_*'")
     p.add_argument("--pretrained", action="store_true", help="only names with weights, as arch.tag")
     p.set_defaults(func=_cmd_list)
 
+
+def _add_info_parser(sub) -> None:
     p = sub.add_parser("info", help="describe one model (parameters, preprocessing, features)")
     p.add_argument("model", help="arch or arch.tag")
     p.add_argument("--num-classes", type=int, default=None)
@@ -270,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
 
+
+def _add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a model on a dataset (flags as timm's validate.py)")
     _model_args(p)
     p.add_argument("--dataset", default="imagefolder", help="imagefolder, fashion-mnist, or a torchvision dataset name")
@@ -287,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-format", choices=["json", "csv"], default="json")
     p.set_defaults(func=_cmd_eval)
 
+
+def _add_finetune_parser(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a model on an ImageFolder tree or Fashion-MNIST")
     _model_args(p)
     p.add_argument("--dataset", default="imagefolder")
@@ -321,7 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="a previous --output directory to continue from")
     p.set_defaults(func=_cmd_finetune)
 
-    p = sub.add_parser("study", help="reproducible studies; 'microbatch': BN vs GN vs GN+WS vs BCN+WS at batch 1, 2, 32")
+
+def _add_study_parser(sub) -> None:
+    p = sub.add_parser("study", help="reproducible studies; 'microbatch': BN vs GN vs GN+WS vs BCN+WS at batch "
+                                     "1, 2, 32")
     p.add_argument("name", choices=["microbatch"])
     p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 32])
@@ -335,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="directory for microbatch.json/.md and microbatch_loss.png")
     p.set_defaults(func=_cmd_study)
 
+
+def _add_bench_parser(sub) -> None:
     from .bench import DEFAULT_MODELS
 
     p = sub.add_parser("bench", help="what WS costs, as ratios: eval (cached vs folded vs timm), train step, "
@@ -355,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="write the full results as JSON here")
     p.set_defaults(func=_cmd_bench)
 
+
+def _add_convert_parser(sub) -> None:
     p = sub.add_parser("convert", help="convert an original checkpoint to a safetensors state dict")
     p.add_argument("src", help="the original file, e.g. F0_haiku.npz or R-50-GN-WS.pth.tar")
     p.add_argument("--source", choices=["deepmind-nfnet", "pth"], required=True,
@@ -369,14 +379,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--std-conv-eps", type=float, default=None)
     p.set_defaults(func=_cmd_convert)
 
+
+def _add_card_parser(sub) -> None:
     p = sub.add_parser("card", help="generate MODEL_CARD.md from configs/")
     p.add_argument("-o", "--output", default="MODEL_CARD.md")
     p.add_argument("--check", action="store_true", help="exit 1 if the file differs from what would be written")
     p.set_defaults(func=_cmd_card)
 
+
+def _add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="list the registry and run one model of every family")
     p.add_argument("--img-size", type=int, default=224)
     p.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``wszoo`` argument parser: one sub-parser per command."""
+    parser = argparse.ArgumentParser(prog="wszoo", description="Weight Standardization model zoo")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_list_parser(sub)
+    _add_info_parser(sub)
+    _add_eval_parser(sub)
+    _add_finetune_parser(sub)
+    _add_study_parser(sub)
+    _add_bench_parser(sub)
+    _add_convert_parser(sub)
+    _add_card_parser(sub)
+    _add_demo_parser(sub)
     return parser
 
 

@@ -1,19 +1,22 @@
-"""Datasets for evaluation and fine-tuning: ImageFolder trees, Fashion-MNIST's idx files, and
-torchvision's datasets by name. Images are returned as PIL images in the mode the model takes (``'L'``
+"""Datasets and preprocessing for evaluation and fine-tuning: ImageFolder trees, Fashion-MNIST's idx
+files, torchvision's datasets by name, and the model's data config / transforms (timm's). Images are
+returned as PIL images in the mode the model takes (``'L'``
 for one input channel, ``'RGB'`` for three), so timm's transforms apply unchanged."""
-from __future__ import annotations
-
 import gzip
 import os
 import struct
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch.nn as nn
 from PIL import Image
+from timm.data import create_transform, resolve_data_config
 from torch.utils.data import Dataset
+from torchvision import transforms
 
-__all__ = ["DataError", "FashionMNIST", "create_dataset", "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES"]
+__all__ = ["DataError", "FashionMNIST", "create_dataset", "class_count", "data_config_for", "build_transforms",
+           "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES"]
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts the files.
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -23,6 +26,40 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 
 class DataError(ValueError):
     """A dataset that cannot be used as asked (missing, empty, malformed)."""
+
+
+def data_config_for(model: nn.Module, img_size: Optional[int] = None, **overrides: Any) -> Dict[str, Any]:
+    """timm's data config for ``model``, at ``img_size`` and with mean/std matched to its input channels."""
+    args: Dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
+    if img_size:
+        args["input_size"] = (model.in_chans, img_size, img_size)
+    cfg = resolve_data_config(args, model=model)
+    cfg["input_size"] = (model.in_chans, *cfg["input_size"][1:])
+    for key in ("mean", "std"):
+        if len(cfg[key]) != model.in_chans:  # e.g. an RGB checkpoint fine-tuned on grayscale
+            avg = float(sum(cfg[key]) / len(cfg[key]))
+            cfg[key] = (avg,) * model.in_chans
+    return cfg
+
+
+def build_transforms(cfg: Dict[str, Any], aug: str) -> Tuple[Any, Any]:
+    """(train, eval) transforms: ``timm`` (timm's training pipeline), ``flip-crop`` (pad-and-crop + flip,
+    right for 28-32 px images), or ``none``."""
+    eval_tf = create_transform(**cfg, is_training=False)
+    size = cfg["input_size"][-1]
+    if aug == "timm":
+        train_tf = create_transform(**cfg, is_training=True)
+    elif aug == "flip-crop":
+        train_tf = transforms.Compose([
+            transforms.Resize(size), transforms.RandomCrop(size, padding=max(1, size // 8)),
+            transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+            transforms.Normalize(cfg["mean"], cfg["std"]),
+        ])
+    elif aug == "none":
+        train_tf = eval_tf
+    else:
+        raise ValueError(f"unknown --aug {aug!r}; choose timm, flip-crop or none")
+    return train_tf, eval_tf
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -115,7 +152,8 @@ def create_dataset(name: str, root: Optional[str], split: str = "val", transform
     else:
         import torchvision.datasets as tvd
 
-        cls = {n.lower(): getattr(tvd, n) for n in dir(tvd) if isinstance(getattr(tvd, n), type)}.get(key.replace("-", ""))
+        classes = {n.lower(): getattr(tvd, n) for n in dir(tvd) if isinstance(getattr(tvd, n), type)}
+        cls = classes.get(key.replace("-", ""))
         if cls is None:
             raise DataError(f"unknown dataset {name!r}: use imagefolder, fashion-mnist or a torchvision dataset name")
         if not root or not os.path.isdir(root):

@@ -4,10 +4,7 @@ Under ``torchrun`` every rank evaluates the disjoint shard ``indices[rank::world
 (correct@1, correct@5, loss, count) are all-reduced, so the sample count equals the dataset size
 exactly (no padding duplicates, unlike ``DistributedSampler``) and the result equals one process's.
 """
-from __future__ import annotations
-
 import logging
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -20,31 +17,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-__all__ = ["evaluate", "init_distributed", "is_main_process", "autocast_context"]
+__all__ = ["evaluate", "autocast_context"]
 
 _logger = logging.getLogger("wszoo")
-
-
-def init_distributed() -> tuple:
-    """(rank, world_size, device); starts the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device("cpu")
-    if world > 1:
-        if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            device = torch.device("cuda", local)
-        return dist.get_rank(), dist.get_world_size(), device
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
-    return 0, 1, device
-
-
-def is_main_process() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def autocast_context(amp: Optional[str], device: torch.device):

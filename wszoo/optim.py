@@ -5,8 +5,6 @@ For a unit ``i`` (an output row of a weight: all dims but the first; a whole vec
 gains), ``G_i <- G_i * lambda * max(||W_i||, eps) / ||G_i||`` whenever
 ``||G_i|| / max(||W_i||, eps) > lambda``. The paper clips every layer but the final classifier.
 """
-from __future__ import annotations
-
 from typing import Iterable, List, Union
 
 import torch

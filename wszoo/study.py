@@ -7,8 +7,6 @@ of batch 32). The learning rate follows the linear
 scaling rule from ``--lr`` at batch 32. Reported: test top-1 per (norm, batch) and the training
 loss curves (PNG). BatchNorm's batch statistics are meaningless at batch 1-2; GN(+WS) has none.
 """
-from __future__ import annotations
-
 import json
 import math
 import time
@@ -23,6 +21,7 @@ from torchvision import transforms
 from . import registry
 from .data import FASHION_MNIST_DIR, FashionMNIST
 from .evaluate import evaluate
+from .factory import create_model
 
 __all__ = ["NORMS", "microbatch_study", "format_table"]
 
@@ -33,7 +32,7 @@ NORMS = {"bn": "resnet_mini_bn", "gn": "resnet_mini_gn", "gn_ws": "resnet_mini_g
 def _run(arch: str, batch_size: int, train_set, test_set, epochs: int, lr32: float, widths: Sequence[int],
          seed: int, curve_points: int) -> Dict:
     torch.manual_seed(seed)
-    model = registry.create_model(arch, widths=tuple(widths))
+    model = create_model(arch, widths=tuple(widths))
     lr = lr32 * batch_size / 32
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
@@ -90,7 +89,8 @@ def microbatch_study(
         for bs in batch_sizes:
             res = _run(NORMS[norm], bs, train_set, test_set, epochs, lr, widths, seed, curve_points=50)
             runs.setdefault(norm, {})[bs] = res
-            log(f"{norm:6s} batch {bs:3d}: test top-1 {res['top1']:.2f}%  ({res['steps']} steps, {res['train_seconds']}s)")
+            log(f"{norm:6s} batch {bs:3d}: test top-1 {res['top1']:.2f}%  "
+                f"({res['steps']} steps, {res['train_seconds']}s)")
     study = {"settings": settings, "runs": runs}
     if output:
         out = Path(output)
@@ -118,7 +118,7 @@ def _plot(study: Dict, path: Path) -> None:
 
     sizes = study["settings"]["batch_sizes"]
     fig, axes = plt.subplots(1, len(sizes), figsize=(4.5 * len(sizes), 3.6), sharey=True)
-    for ax, bs in zip(axes if len(sizes) > 1 else [axes], sizes):
+    for ax, bs in zip(axes if len(sizes) > 1 else [axes], sizes, strict=True):
         for norm, runs in study["runs"].items():
             curve = runs[bs]["curve"]
             ax.plot([c[0] for c in curve], [c[1] for c in curve], label=f"{norm} ({runs[bs]['top1']:.1f}%)")

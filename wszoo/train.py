@@ -2,11 +2,10 @@
 ImageFolder tree or Fashion-MNIST, with micro-batches + gradient accumulation, SGD/AdamW with
 warmup + cosine, frozen stages, AGC for NF models, bf16 autocast, EMA, safetensors checkpoints
 and resume. With ``--accum-steps`` > 1 the micro-batches of one optimizer step share one
-standardization of each WS weight (:func:`wszoo.accumulate_ws`). Runs under ``torchrun`` with DDP: GN/WS/NF models have no batch statistics, so nothing
+standardization of each WS weight (:func:`wszoo.accumulate_ws`). Runs under ``torchrun`` with DDP: GN/WS/NF
+models have no batch statistics, so nothing
 needs SyncBatchNorm and per-device batches of 1-2 images train exactly like one large batch.
 """
-from __future__ import annotations
-
 import argparse
 import json
 import logging
@@ -14,8 +13,9 @@ import math
 import random
 import time
 from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,55 +23,21 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader, DistributedSampler
-from torchvision import transforms
 
-from . import registry
-from .data import DataError, class_count, create_dataset
-from .evaluate import autocast_context, evaluate, init_distributed, is_main_process
-from .hub import save_pretrained
-from .models._helpers import freeze_stages
+from .checkpoint import load_checkpoint
+from .data import DataError, build_transforms, class_count, create_dataset, data_config_for
+from .distributed import all_reduce_gradients, init_distributed, is_main_process
+from .evaluate import autocast_context, evaluate
+from .factory import create_model
+from .hub import WEIGHTS_NAME, save_pretrained
+from .models.helpers import freeze_stages
 from .optim import adaptive_clip_grad, agc_parameters
 from .speed import accumulate_ws, tune_cpu_allocator, ws_layers
 
-__all__ = ["finetune", "data_config_for", "build_transforms"]
+__all__ = ["finetune"]
 
 _logger = logging.getLogger("wszoo")
-
-
-def data_config_for(model: nn.Module, img_size: Optional[int] = None, **overrides: Any) -> Dict[str, Any]:
-    """timm's data config for ``model``, at ``img_size`` and with mean/std matched to its input channels."""
-    args: Dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
-    if img_size:
-        args["input_size"] = (model.in_chans, img_size, img_size)
-    cfg = resolve_data_config(args, model=model)
-    cfg["input_size"] = (model.in_chans, *cfg["input_size"][1:])
-    for key in ("mean", "std"):
-        if len(cfg[key]) != model.in_chans:  # e.g. an RGB checkpoint fine-tuned on grayscale
-            avg = float(sum(cfg[key]) / len(cfg[key]))
-            cfg[key] = (avg,) * model.in_chans
-    return cfg
-
-
-def build_transforms(cfg: Dict[str, Any], aug: str) -> Tuple[Any, Any]:
-    """(train, eval) transforms: ``timm`` (timm's training pipeline), ``flip-crop`` (pad-and-crop + flip,
-    right for 28-32 px images), or ``none``."""
-    eval_tf = create_transform(**cfg, is_training=False)
-    size = cfg["input_size"][-1]
-    if aug == "timm":
-        train_tf = create_transform(**cfg, is_training=True)
-    elif aug == "flip-crop":
-        train_tf = transforms.Compose([
-            transforms.Resize(size), transforms.RandomCrop(size, padding=max(1, size // 8)),
-            transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-            transforms.Normalize(cfg["mean"], cfg["std"]),
-        ])
-    elif aug == "none":
-        train_tf = eval_tf
-    else:
-        raise ValueError(f"unknown --aug {aug!r}; choose timm, flip-crop or none")
-    return train_tf, eval_tf
 
 
 def _lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
@@ -147,18 +113,6 @@ def _datasets(args: argparse.Namespace, in_chans: int, train_tf, eval_tf):
     return train, val
 
 
-def _all_reduce_gradients(model: nn.Module, world: int) -> None:
-    """Average the parameters' gradients over the processes (one flat all-reduce)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= world
-    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        grad.copy_(synced)
-
-
 def _optimizer_step(args: argparse.Namespace, clip_params, optimizer, scheduler, ema, model: nn.Module) -> None:
     if args.clip_mode == "agc":
         adaptive_clip_grad(clip_params, args.clip_grad)
@@ -171,32 +125,55 @@ def _optimizer_step(args: argparse.Namespace, clip_params, optimizer, scheduler,
         ema.update(model)
 
 
-def finetune(args: argparse.Namespace) -> Dict[str, Any]:
-    """Run ``wszoo finetune``; returns the final metrics (rank 0's view)."""
-    rank, world, device = init_distributed()
-    torch.manual_seed(args.seed + rank)
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    out = Path(args.output)
-    model = registry.create_model(
+@dataclass
+class _Run:
+    """Everything the epochs of one fine-tuning run share."""
+
+    args: argparse.Namespace
+    model: nn.Module
+    train_model: nn.Module  # the model, or its DDP wrapper
+    loader: DataLoader
+    sampler: Optional[DistributedSampler]
+    val_set: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: Any
+    clip_params: List[torch.Tensor]
+    device: torch.device
+    world: int
+    use_accumulate_ws: bool
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _model_and_data(args: argparse.Namespace) -> Tuple[nn.Module, Any, Any, List[str]]:
+    """The model (pretrained or from a checkpoint, stages frozen) and its train/val datasets."""
+    model = create_model(
         args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint, num_classes=args.num_classes,
         in_chans=args.in_chans, drop_rate=args.drop, drop_path_rate=args.drop_path,
     )
-    data_cfg = data_config_for(model, args.img_size)
-    train_tf, eval_tf = build_transforms(data_cfg, args.aug)
+    train_tf, eval_tf = build_transforms(data_config_for(model, args.img_size), args.aug)
     train_set, val_set = _datasets(args, model.in_chans, train_tf, eval_tf)
     n_classes = class_count(train_set)
     if n_classes and n_classes != model.num_classes:
         raise DataError(f"the dataset has {n_classes} classes but the model's head has {model.num_classes}: "
                         f"pass --num-classes {n_classes}")
     frozen = freeze_stages(model, args.freeze_stages) if args.freeze_stages >= 0 else []
+    return model, train_set, val_set, frozen
+
+
+def _prepare(args: argparse.Namespace, world: int, device: torch.device) -> Tuple[_Run, List[str]]:
+    model, train_set, val_set, frozen = _model_and_data(args)
     model.to(device)
     ema = None
     if args.ema_decay:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=args.ema_decay, device=device)
-
     sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed) if world > 1 else None
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
                         num_workers=args.workers, drop_last=False,
@@ -208,86 +185,116 @@ def finetune(args: argparse.Namespace) -> Dict[str, Any]:
                               args.min_lr / args.lr if args.lr else 0.0))
     train_model: nn.Module = model
     if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    start_epoch, best = 0, -1.0
-    if args.resume:
-        src = Path(args.resume)
-        weights = src / "last" / "model.safetensors"
-        if not weights.is_file():
-            raise DataError(f"--resume {src}: no last/model.safetensors there (not a wszoo finetune output?)")
-        from .checkpoint import load_checkpoint
-
-        load_checkpoint(model, str(weights))
-        start_epoch, best = _load_train_state(src, optimizer, scheduler, ema)
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    clip_params = agc_parameters(model) if args.clip_mode == "agc" else \
+        [p for p in model.parameters() if p.requires_grad]
     use_accumulate_ws = args.accum_steps > 1 and not args.no_accumulate_ws and bool(ws_layers(model))
+    run = _Run(args, model, train_model, loader, sampler, val_set, optimizer, scheduler, ema, clip_params, device,
+               world, use_accumulate_ws)
+    return run, frozen
+
+
+def _resume(run: _Run, src: Path) -> Tuple[int, float]:
+    """Weights from ``src/last``, optimizer/scheduler/EMA state from ``src/train_state.*``."""
+    weights = src / "last" / WEIGHTS_NAME
+    if not weights.is_file():
+        raise DataError(f"--resume {src}: no last/{WEIGHTS_NAME} there (not a wszoo finetune output?)")
+    load_checkpoint(run.model, str(weights))
+    return _load_train_state(src, run.optimizer, run.scheduler, run.ema)
+
+
+def _train_one_epoch(run: _Run, epoch: int) -> Dict[str, Any]:
+    """One pass over the loader: micro-batches of ``-b`` images, an optimizer step every ``--accum-steps``."""
+    args, model = run.args, run.model
+    if run.sampler is not None:
+        run.sampler.set_epoch(epoch)
+    run.train_model.train()
+    start, loss_sum, seen = time.perf_counter(), 0.0, 0
+    run.optimizer.zero_grad(set_to_none=True)
+    accumulating = ExitStack()
+    try:
+        for i, (images, targets) in enumerate(run.loader):
+            images, targets = images.to(run.device), targets.to(run.device)
+            last_micro = (i + 1) % args.accum_steps == 0 or i + 1 == len(run.loader)
+            if run.use_accumulate_ws and i % args.accum_steps == 0:
+                accumulating.enter_context(accumulate_ws(model))
+            # Under accumulate_ws the parameters' gradients only appear on exit, where DDP's hooks don't
+            # look: every micro-batch then runs in no_sync and the gradients are all-reduced by hand.
+            skip_sync = run.world > 1 and (run.use_accumulate_ws or not last_micro)
+            sync = run.train_model.no_sync() if skip_sync else nullcontext()
+            with sync, autocast_context(args.amp, run.device):
+                loss = F.cross_entropy(run.train_model(images), targets)
+            with sync:
+                (loss / args.accum_steps).backward()
+            loss_sum += loss.item() * len(targets)
+            seen += len(targets)
+            if last_micro:
+                accumulating.close()  # back-propagates once through each standardization
+                if run.world > 1 and run.use_accumulate_ws:
+                    all_reduce_gradients(model)
+                _optimizer_step(args, run.clip_params, run.optimizer, run.scheduler, run.ema, model)
+            if is_main_process() and args.log_interval and (i + 1) % args.log_interval == 0:
+                _logger.info("epoch %d  batch %d/%d  loss %.4f  lr %.5f", epoch, i + 1, len(run.loader),
+                             loss_sum / max(seen, 1), run.optimizer.param_groups[0]["lr"])
+    except BaseException as e:
+        accumulating.__exit__(type(e), e, e.__traceback__)  # no half-accumulated gradient is applied
+        raise
+    train_loss = torch.tensor([loss_sum, seen], dtype=torch.float64)
+    if run.world > 1:
+        dist.all_reduce(train_loss)
+    return {"epoch": epoch, "train_loss": train_loss[0].item() / max(train_loss[1].item(), 1),
+            "lr": run.optimizer.param_groups[0]["lr"], "epoch_seconds": round(time.perf_counter() - start, 1)}
+
+
+def _validate(run: _Run) -> Dict[str, Any]:
+    if run.val_set is None:
+        return {}
+    eval_model = run.ema.module if run.ema is not None else run.model
+    val = evaluate(eval_model, run.val_set, batch_size=max(run.args.batch_size, 64), workers=run.args.workers,
+                   device=run.device, amp=run.args.amp, progress=False)
+    return {f"val_{k}": v for k, v in val.items() if k in ("top1", "top5", "loss")}
+
+
+def _save_epoch(run: _Run, out: Path, epoch: int, metrics: Dict[str, Any], best: float) -> float:
+    """metrics.jsonl, last/ (and ema/), best/ when it improved, and the train state; returns the best score."""
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    _logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                 for k, v in metrics.items()))
+    save_pretrained(run.model, str(out / "last"))
+    if run.ema is not None:
+        save_pretrained(run.ema.module, str(out / "ema"))
+    top1 = metrics.get("val_top1", -metrics["train_loss"])
+    if top1 > best:
+        best = top1
+        save_pretrained(run.ema.module if run.ema is not None else run.model, str(out / "best"))
+    _save_train_state(out, run.optimizer, run.scheduler, epoch, best, run.ema)
+    return best
+
+
+def finetune(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run ``wszoo finetune``; returns the final metrics (rank 0's view)."""
+    rank, world, device = init_distributed()
+    _seed_everything(args.seed + rank)
+    out = Path(args.output)
+    run, frozen = _prepare(args, world, device)
+    start_epoch, best = _resume(run, Path(args.resume)) if args.resume else (0, -1.0)
     if device.type == "cpu" and not args.no_tune_allocator:
         tune_cpu_allocator()
-    clip_params = agc_parameters(model) if args.clip_mode == "agc" else [p for p in model.parameters() if p.requires_grad]
     main = is_main_process()
     if main:
         out.mkdir(parents=True, exist_ok=True)
         _logger.info("finetune %s: %d train images, %s val, %d steps/epoch of %d x %d images%s",
-                     args.model, len(train_set), len(val_set) if val_set is not None else "no",
-                     steps_per_epoch, args.batch_size, args.accum_steps * world,
+                     args.model, len(run.loader.dataset), len(run.val_set) if run.val_set is not None else "no",
+                     math.ceil(len(run.loader) / args.accum_steps), args.batch_size, args.accum_steps * world,
                      f", frozen {len(frozen)} tensors" if frozen else "")
     metrics: Dict[str, Any] = {}
     for epoch in range(start_epoch, args.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        train_model.train()
-        start, loss_sum, seen = time.perf_counter(), 0.0, 0
-        optimizer.zero_grad(set_to_none=True)
-        accumulating = ExitStack()
-        try:
-            for i, (images, targets) in enumerate(loader):
-                images, targets = images.to(device), targets.to(device)
-                last_micro = (i + 1) % args.accum_steps == 0 or i + 1 == len(loader)
-                if use_accumulate_ws and i % args.accum_steps == 0:
-                    accumulating.enter_context(accumulate_ws(model))
-                # Under accumulate_ws the parameters' gradients only appear on exit, where DDP's hooks don't
-                # look: every micro-batch then runs in no_sync and the gradients are all-reduced by hand.
-                skip_sync = world > 1 and (use_accumulate_ws or not last_micro)
-                sync = train_model.no_sync() if skip_sync else nullcontext()
-                with sync, autocast_context(args.amp, device):
-                    loss = F.cross_entropy(train_model(images), targets)
-                with sync:
-                    (loss / args.accum_steps).backward()
-                loss_sum += loss.item() * len(targets)
-                seen += len(targets)
-                if last_micro:
-                    accumulating.close()  # back-propagates once through each standardization
-                    if world > 1 and use_accumulate_ws:
-                        _all_reduce_gradients(model, world)
-                    _optimizer_step(args, clip_params, optimizer, scheduler, ema, model)
-                if main and args.log_interval and (i + 1) % args.log_interval == 0:
-                    _logger.info("epoch %d  batch %d/%d  loss %.4f  lr %.5f", epoch, i + 1, len(loader),
-                                 loss_sum / max(seen, 1), optimizer.param_groups[0]["lr"])
-        except BaseException as e:
-            accumulating.__exit__(type(e), e, e.__traceback__)  # no half-accumulated gradient is applied
-            raise
-        train_loss = torch.tensor([loss_sum, seen], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(train_loss)
-        metrics = {"epoch": epoch, "train_loss": train_loss[0].item() / max(train_loss[1].item(), 1),
-                   "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": round(time.perf_counter() - start, 1)}
-        eval_model = ema.module if ema is not None else model
-        if val_set is not None:
-            val = evaluate(eval_model, val_set, batch_size=max(args.batch_size, 64), workers=args.workers,
-                           device=device, amp=args.amp, progress=False)
-            metrics.update({f"val_{k}": v for k, v in val.items() if k in ("top1", "top5", "loss")})
+        metrics = _train_one_epoch(run, epoch)
+        metrics.update(_validate(run))
         if main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            _logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                         for k, v in metrics.items()))
-            save_pretrained(model, str(out / "last"))
-            if ema is not None:
-                save_pretrained(ema.module, str(out / "ema"))
-            top1 = metrics.get("val_top1", -metrics["train_loss"])
-            if top1 > best:
-                best = top1
-                save_pretrained(eval_model, str(out / "best"))
-            _save_train_state(out, optimizer, scheduler, epoch, best, ema)
+            best = _save_epoch(run, out, epoch, metrics, best)
     if world > 1:
         dist.barrier()
     return metrics

@@ -1,6 +1,4 @@
 """WS backbones with a GroupNorm + WS feature pyramid, in the form torchvision's detectors expect."""
-from __future__ import annotations
-
 from collections import OrderedDict
 from functools import partial
 from typing import Dict, Optional, Sequence, Union
@@ -9,8 +7,8 @@ import torch
 import torch.nn as nn
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
+from ..factory import create_model
 from ..layers import convert_convs_to_ws
-from ..registry import create_model
 
 __all__ = ["WSBackboneWithFPN", "create_backbone"]
 

@@ -5,8 +5,6 @@ and output convs are WS + GroupNorm(32); the Faster/Mask R-CNN box head is 4 con
 fc (``Shared4Conv1FCBBoxHead``); the mask head's convs are GN+WS; RetinaNet's classification and
 regression towers are GN+WS while their final prediction convs stay plain.
 """
-from __future__ import annotations
-
 from functools import partial
 from typing import Any, Union
 

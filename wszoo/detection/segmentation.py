@@ -1,7 +1,5 @@
 """Semantic segmentation: DeepLabv3 with a WS backbone whose last stages are dilated (output stride 8
 or 16) and torchvision's ASPP head rebuilt with GroupNorm + WS (no batch statistics anywhere)."""
-from __future__ import annotations
-
 from typing import Dict, Union
 
 import torch
