@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test test-slow install data clean
+.PHONY: demo test test-slow lint install data clean
 
 install: $(STAMP)
 
@@ -35,7 +35,11 @@ data:
 demo: $(STAMP) data
 	$(VENV)/bin/wszoo eval --model resnet_mini_gn_ws.fmnist --pretrained --dataset fashion-mnist --split test -b 256
 
-test: $(STAMP) data
+# ruff (pyflakes, pycodestyle, import order, bugbear; pyproject.toml), also run by `make test`
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP) data lint
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
