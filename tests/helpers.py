@@ -27,3 +27,54 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest absolute difference relative to the reference's largest magnitude."""
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def run_cli(argv, cwd=None):
+    """Run ``wszoo ARGV`` in a child process, as the command line would: the real entry point
+    (``wszoo.cli.main``), its exit status, what it wrote to stdout and stderr, and whatever it did to the
+    file system. The child is forked from the test process (wszoo is already imported there), which saves
+    the ~5 s interpreter start of ``python -m wszoo`` per case; it computes on one thread (the parent's
+    OpenMP pool does not survive fork). Returns ``(returncode, stdout, stderr)``."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                # the parent's OpenMP threads do not survive fork(): one thread, as DataLoader workers do
+                torch.set_num_threads(1)
+                os.dup2(out.fileno(), 1)
+                os.dup2(err.fileno(), 2)
+                import sys
+
+                sys.stdout = os.fdopen(1, "w", buffering=1)
+                sys.stderr = os.fdopen(2, "w", buffering=1)
+                if cwd is not None:
+                    os.chdir(cwd)
+                from wszoo.cli import main
+
+                try:
+                    code = main(list(argv))
+                except SystemExit as e:  # argparse's usage errors
+                    code = e.code if isinstance(e.code, int) else 2
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        out.seek(0)
+        err.seek(0)
+        return os.waitstatus_to_exitcode(status), out.read().decode(), err.read().decode()
+
+
+def tree_snapshot(root):
+    """Every file under ``root`` with its size and content hash: compare two snapshots to prove a command
+    changed nothing (and left nothing half-written)."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(root)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}

@@ -105,3 +105,149 @@ def test_finetune_errors(folder, tmp_path, capsys):
     assert main(["finetune", "--model", "resnet_mini_gn_ws", "--data-dir", str(folder), "--num-classes", "3",
                  "--in-chans", "3", "--output", str(tmp_path / "o"), "--resume", str(tmp_path / "nothing")]) == 2
     assert "no last/model.safetensors" in capsys.readouterr().err
+
+
+# --- DDP micro-batches: the README's recipe under torch.distributed.run -----------------------------------
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "last" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def eight_images(tmp_path_factory):
+    return make_fashion_mnist(tmp_path_factory.mktemp("ddp") / "fm", n_train=8, n_test=4)
+
+
+@pytest.fixture(scope="module")
+def single_process_step(eight_images, tmp_path_factory):
+    """One optimizer step over all 8 images in one process: 4 micro-batches of 2."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    finetune(["--model", "resnet_mini_gn_ws", "--dataset", "fashion-mnist", "--data-dir", str(eight_images),
+              "--epochs", "1", "-b", "2", "--accum-steps", "4", "--aug", "none", "--lr", "0.5", "--output", str(out)])
+    return _weights(out)
+
+
+@pytest.mark.parametrize("accumulate_ws", [True, False])
+def test_ddp_micro_batches_give_the_single_process_gradients(eight_images, single_process_step, tmp_path,
+                                                             accumulate_ws):
+    """2 processes x 2 micro-batches of 2 images = one step over the same 8 images as 1 process x 4 x 2:
+    after that step (lr 0.5, so the gradient dominates the change) the weights agree to float rounding."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "wszoo",
+           "finetune", "--model", "resnet_mini_gn_ws", "--dataset", "fashion-mnist", "--data-dir", str(eight_images),
+           "--epochs", "1", "-b", "2", "--accum-steps", "2", "--aug", "none", "--lr", "0.5", "--log-interval", "0",
+           "--output", str(out)] + ([] if accumulate_ws else ["--no-accumulate-ws"])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = _weights(out)
+    start = wszoo.create_model("resnet_mini_gn_ws").state_dict()  # seed 0: rank 0's init, broadcast by DDP
+    torch.manual_seed(0)
+    start = wszoo.create_model("resnet_mini_gn_ws").state_dict()
+    for key, value in single_process_step.items():
+        moved = (value - start[key]).abs().max()
+        assert (ddp[key] - value).abs().max() <= 1e-5 * max(moved.item(), 1e-3), key
+    assert any((v - start[k]).abs().max() > 1e-3 for k, v in single_process_step.items()), "the step moved nothing"
+
+
+# --- output directories, interruption and divergence -----------------------------------------------------
+def _tiny_run_args(data, out, *extra):
+    return ["finetune", "--model", "resnet_mini_gn_ws", "--dataset", "fashion-mnist", "--data-dir", str(data),
+            "-b", "8", "--aug", "none", "--log-interval", "0", "--output", str(out), *extra]
+
+
+def test_an_existing_run_is_refused_resumed_or_replaced(eight_images, tmp_path):
+    from tests.helpers import run_cli, tree_snapshot
+
+    out = tmp_path / "run"
+    assert run_cli(_tiny_run_args(eight_images, out, "--epochs", "2"))[0] == 0
+    before = tree_snapshot(out)
+    code, _, err = run_cli(_tiny_run_args(eight_images, out, "--epochs", "2"))
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"--output {out} already holds a fine-tuning run (epochs 0..1 of resnet_mini_gn_ws)" in err
+    assert f"pass --resume {out}" in err and "--overwrite" in err
+    assert tree_snapshot(out) == before, "a refused run must not touch the directory"
+
+    assert run_cli(_tiny_run_args(eight_images, out, "--epochs", "3", "--resume", str(out)))[0] == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+
+    assert run_cli(_tiny_run_args(eight_images, out, "--epochs", "1", "--overwrite"))[0] == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0] and json.loads((out / "train_state.json").read_text())["epoch"] == 0
+
+
+def test_resume_with_other_settings_is_refused(eight_images, tmp_path):
+    from tests.helpers import run_cli, tree_snapshot
+
+    out = tmp_path / "run"
+    assert run_cli(_tiny_run_args(eight_images, out, "--epochs", "1"))[0] == 0
+    before = tree_snapshot(out)
+    for extra, message in [
+        (["--epochs", "2", "--opt", "adamw"], "that run used --opt sgd"),
+        (["--epochs", "1"], "epochs 0..0 are done; pass --epochs above 1"),
+        (["--epochs", "2", "--ema-decay", "0.9"], "did not use EMA"),
+        (["--epochs", "2", "--lr", "0.1"], "that run used --lr 0.05; resume it with the same --lr"),
+    ]:
+        code, _, err = run_cli(_tiny_run_args(eight_images, out, *extra, "--resume", str(out)))
+        assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    args = _tiny_run_args(eight_images, out, "--epochs", "2", "--resume", str(out))
+    args[args.index("resnet_mini_gn_ws")] = "resnet_mini_gn"
+    code, _, err = run_cli(args)
+    assert code == 2 and "that run trained resnet_mini_gn_ws" in err and "pass --model resnet_mini_gn_ws" in err
+    (out / "train_state.safetensors").write_bytes((out / "train_state.safetensors").read_bytes()[:100])
+    before = tree_snapshot(out)
+    code, _, err = run_cli(_tiny_run_args(eight_images, out, "--epochs", "2", "--resume", str(out)))
+    assert code == 2 and "train_state.safetensors" in err and "not a readable safetensors file" in err, err
+    assert tree_snapshot(out) == before
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_good_epoch(eight_images, tmp_path):
+    from tests.helpers import run_cli
+
+    """At lr 1e30 the first step blows the weights up (finite), the second epoch's loss is not finite."""
+    out = tmp_path / "run"
+    code, _, err = run_cli(_tiny_run_args(eight_images, out, "--epochs", "3", "--lr", "1e30", "--warmup-epochs", "0"))
+    assert code == 1 and "training diverged" in err and len(err.splitlines()) == 1, err
+    assert "at epoch 1" in err and json.loads((out / "train_state.json").read_text())["epoch"] == 0
+    assert [json.loads(r)["epoch"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [0]
+
+
+def test_ctrl_c_is_one_line_and_the_run_resumes_cleanly(tmp_path):
+    """A real `python -m wszoo finetune` stopped with SIGINT in its second epoch."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = make_fashion_mnist(tmp_path / "fm", n_train=1500, n_test=8)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "wszoo", *_tiny_run_args(data, out, "--epochs", "3")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    while not (out / "train_state.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    errors = [line for line in err.splitlines() if line.startswith("wszoo")]
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and errors == [
+        f"wszoo finetune: interrupted during epoch 1; {out} holds epochs 0..0: resume with the same command and "
+        f"--resume {out}"]
+    assert json.loads((out / "train_state.json").read_text())["epoch"] == 0
+    assert not any(p.name.startswith(".") for p in out.iterdir()), "no half-written epoch may be left"
+    from tests.helpers import run_cli
+
+    assert run_cli(_tiny_run_args(data, out, "--epochs", "2", "--resume", str(out), "--limit-train", "64"))[0] == 0
+    assert [json.loads(r)["epoch"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]

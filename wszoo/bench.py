@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from . import registry
 from .factory import create_model
+from .files import atomic_write_text
 from .speed import accumulate_ws, fold_ws, tune_cpu_allocator, ws_layers
 
 __all__ = ["benchmark_model", "run_benchmarks", "format_report", "write_report", "time_interleaved", "train_step_fn",
@@ -256,11 +257,26 @@ def benchmark_model(
     return result
 
 
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch.device, or a ValueError saying why it cannot be used here."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r} is not a device torch knows ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available on this machine "
+                         "(torch.cuda.is_available() is False); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def run_benchmarks(models: Sequence[str] = DEFAULT_MODELS, tune_allocator: bool = True, threads: Optional[int] = None,
                    **kwargs: Any) -> Dict[str, Any]:
     """Benchmark each of ``models`` (kwargs as :func:`benchmark_model`) and describe the machine."""
     for name in models:
         registry.get_pretrained_cfg(name.split(".")[0])  # fail fast on an unknown name, before any timing
+    check_device(kwargs.get("device", "cpu"))
     if threads:
         torch.set_num_threads(threads)
     tuned = tune_cpu_allocator() if tune_allocator else False
@@ -296,6 +312,5 @@ def format_report(report: Dict[str, Any]) -> str:
 
 
 def write_report(report: Dict[str, Any], path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
+    """The full report as JSON, written atomically."""
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")

@@ -4,16 +4,17 @@ Pickled checkpoints (``.pth``, ``.bin``, ...) can run arbitrary code when loaded
 :func:`read_safetensors` / :func:`load_checkpoint`; :func:`read_torch_checkpoint` reads them with
 ``torch.load(weights_only=True)`` for the explicit, one-off conversions (``wszoo convert``).
 """
+import json
 import os
 from typing import Dict, Iterable, List, Mapping, Optional
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 __all__ = ["CheckpointError", "read_safetensors", "read_torch_checkpoint", "check_state_dict", "load_checkpoint",
-           "strip_prefix"]
+           "strip_prefix", "non_finite_tensors", "saved_architecture", "require_same_architecture"]
 
 _PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".pkl", ".pickle", ".tar", ".ckpt")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
@@ -93,10 +94,48 @@ def _listing(keys: Iterable[str], limit: int = 10) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> List[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity (weights no model should run with)."""
+    return sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+
+
+def saved_architecture(path: str) -> Optional[str]:
+    """The architecture a safetensors file says it was saved from: wszoo writes it in the file's metadata, and
+    a ``save_pretrained`` directory's ``config.json`` beside the file says it too. ``None`` when neither does."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError):
+        metadata = {}
+    if metadata.get("architecture"):
+        return metadata["architecture"]
+    config = os.path.join(os.path.dirname(os.fspath(path)), "config.json")
+    try:
+        with open(config, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data.get("architecture") if isinstance(data, dict) else None
+
+
+def require_same_architecture(model: nn.Module, path: str) -> None:
+    """Refuse a checkpoint saved from another architecture: WS and plain twins (``resnet_mini_gn`` vs
+    ``resnet_mini_gn_ws``) share every key and shape, so only the recorded name tells them apart."""
+    ours = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    theirs = saved_architecture(path)
+    if ours and theirs and ours != theirs:
+        raise CheckpointError(
+            f"checkpoint {os.fspath(path)!r} was saved from {theirs}, not {ours}: load it with --model {theirs} "
+            f"(or create_model('{theirs}', checkpoint_path=...)), or pass check_architecture=False to "
+            "load_checkpoint if the mismatch is deliberate"
+        )
+
+
 def check_state_dict(
     model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state dict", strict: bool = True
 ) -> None:
-    """Raise one :class:`CheckpointError` naming every missing/unexpected key and shape mismatch."""
+    """Raise one :class:`CheckpointError` naming every missing/unexpected key, shape mismatch and tensor with
+    non-finite values."""
     expected = model.state_dict()
     problems: List[str] = []
     missing = set(expected) - set(state_dict)
@@ -116,11 +155,15 @@ def check_state_dict(
                  if k in expected and v.is_floating_point() != expected[k].is_floating_point()]
     if not_float:
         problems.append(f"dtype kind mismatches: {_listing(not_float)}")
+    non_finite = non_finite_tensors(state_dict)
+    if non_finite:
+        problems.append(f"non-finite values (NaN/Inf) in {len(non_finite)} tensor(s): {_listing(non_finite)}")
     if problems:
         raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + " | ".join(problems))
 
 
-def load_checkpoint(model: nn.Module, path: str, strict: bool = True, prefix: Optional[str] = "module.") -> nn.Module:
+def load_checkpoint(model: nn.Module, path: str, strict: bool = True, prefix: Optional[str] = "module.",
+                    check_architecture: bool = True) -> nn.Module:
     """Load a safetensors state dict into ``model`` after checking the whole file against it.
 
     Args:
@@ -129,12 +172,16 @@ def load_checkpoint(model: nn.Module, path: str, strict: bool = True, prefix: Op
         strict: require exactly the model's keys; with ``False`` missing/extra keys are allowed but shapes
             must still agree.
         prefix: a prefix to strip when every key has it (``module.`` from DataParallel); ``None`` keeps keys.
+        check_architecture: refuse a file whose metadata names another architecture than
+            ``model.pretrained_cfg['architecture']`` (see :func:`require_same_architecture`).
 
     Returns:
         ``model``. On any problem a :class:`CheckpointError` names the file and the offending keys, and the
         model is exactly as it was.
     """
     state_dict = read_safetensors(path)
+    if check_architecture:
+        require_same_architecture(model, path)
     if prefix:
         state_dict = strip_prefix(state_dict, prefix)
     check_state_dict(model, state_dict, source=f"checkpoint {os.fspath(path)!r}", strict=strict)

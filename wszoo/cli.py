@@ -6,9 +6,13 @@ optional timed forward pass), ``eval`` and ``finetune``, ``convert`` (original c
 """
 import argparse
 import json
+import math
+import os
 import sys
 import time
-from typing import List, Optional, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
 
 import torch
 
@@ -18,14 +22,64 @@ from .hub import WEIGHTS_NAME, PretrainedWeightsError
 
 __all__ = ["main", "build_parser"]
 
+#: timm's interpolation names (``timm.data.transforms.str_to_interp_mode``), 'random' aside (training only)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos")
+
+
+@dataclass(frozen=True)
+class _Range:
+    """A numeric flag's valid range, checked after parsing so a bad value is one line and exit code 2."""
+
+    flag: str
+    dest: str
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def describe(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+    def check(self, value: Any) -> None:
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if v is None:
+                continue
+            bad = not math.isfinite(v) or (self.low is not None and (v < self.low or (self.low_open and v == self.low)))
+            bad = bad or (self.high is not None and (v > self.high or (self.high_open and v == self.high)))
+            if bad:
+                raise ValueError(f"{self.flag} must be {self.describe()}, got {v:g}")
+
+
+def _ranged(p: argparse.ArgumentParser, *flags: str, low: Optional[float] = None, high: Optional[float] = None,
+            low_open: bool = False, high_open: bool = False, **kwargs: Any) -> None:
+    """``p.add_argument`` plus a valid range, checked by :func:`main` before the command runs."""
+    action = p.add_argument(*flags, **kwargs)
+    ranges = list(p.get_default("ranges") or [])
+    ranges.append(_Range(flags[-1] if flags[-1].startswith("--") else flags[0], action.dest, low, high,
+                         low_open, high_open))
+    p.set_defaults(ranges=ranges)
+
+
+def _count_arg(p: argparse.ArgumentParser, *flags: str, least: int = 1, **kwargs: Any) -> None:
+    _ranged(p, *flags, type=int, low=least, **kwargs)
+
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="arch, arch.tag or hf-hub:org/repo")
+    p.add_argument("--model", required=True, help="arch, arch.tag, hf-hub:org/repo or local-dir:/path")
     p.add_argument("--pretrained", action="store_true", help="load the published weights")
     p.add_argument("--checkpoint", default=None, help="a .safetensors file or a save_pretrained directory")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--in-chans", type=int, default=None)
+    _count_arg(p, "--num-classes", default=None)
+    p.add_argument("--in-chans", type=int, choices=[1, 3], default=None,
+                   help="1 (grayscale) or 3 (RGB) input channels; default the model's")
+    _count_arg(p, "--img-size", default=None, help="input size (default: the model's pretrained cfg)")
+    _count_arg(p, "-b", "--batch-size", default=64)
+    _count_arg(p, "-j", "--workers", least=0, default=0)
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"],
+                   help="autocast dtype: bf16 (default) or fp16")
 
 
 def _count_params(model: torch.nn.Module) -> int:
@@ -55,6 +109,7 @@ def _forward_report(model: torch.nn.Module, img_size: Sequence[int], batch_size:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    """Print one model's parameters, preprocessing and feature levels (and time a forward pass)."""
     model = create_model(args.model, num_classes=args.num_classes, checkpoint_path=args.checkpoint)
     cfg = model.pretrained_cfg
     info = {
@@ -122,16 +177,15 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.num_classes is not None:
         overrides["num_classes"] = args.num_classes
     convert = convert_deepmind_nfnet if args.source == "deepmind-nfnet" else convert_torch_checkpoint
-    model = convert(args.src, args.model, out=args.output, **overrides)
+    model = convert(args.src, args.model, out=args.output, force=args.force, **overrides)
     print(f"converted {args.src} -> {args.output} ({type(model).__name__} {args.model}, "
           f"{_count_params(model):,} parameters)")
     return 0
 
 
 def _cmd_card(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .card import render_model_card
+    from .files import atomic_write_text
 
     text = render_model_card()
     path = Path(args.output)
@@ -142,23 +196,42 @@ def _cmd_card(args: argparse.Namespace) -> int:
             return 1
         print(f"{path} is up to date")
         return 0
-    path.write_text(text, encoding="utf-8")
+    atomic_write_text(path, text)
     print(f"wrote {path}")
     return 0
 
 
 def _checkpoint_file(path: Optional[str]) -> Optional[str]:
     """A save_pretrained directory stands for its model.safetensors."""
-    from pathlib import Path
-
     if path and Path(path).is_dir():
         return str(Path(path) / WEIGHTS_NAME)
     return path
 
 
+def _format_results(result: dict, fmt: str) -> str:
+    """JSON (valid: a NaN/Inf loss becomes null) or one CSV row with a header."""
+    if fmt == "csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(result))
+        writer.writeheader()
+        writer.writerow(result)
+        return buf.getvalue()
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}
+    return json.dumps(clean, indent=2, allow_nan=False) + "\n"
+
+
+def _check_mean_std(args: argparse.Namespace, in_chans: int) -> None:
+    for flag, values in (("--mean", args.mean), ("--std", args.std)):
+        if values and len(values) not in (1, in_chans):
+            raise ValueError(f"{flag} takes 1 or {in_chans} values (the model's input channels), got {len(values)}")
+    if args.std and min(args.std) <= 0:
+        raise ValueError(f"--std values must be > 0, got {args.std}")
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import csv
-    import io
     import logging
 
     from timm.data import create_transform
@@ -166,11 +239,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .data import class_count, create_dataset, data_config_for
     from .distributed import init_distributed, is_main_process
     from .evaluate import evaluate
+    from .files import atomic_write_text, check_writable_parent
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.results_file:  # before any work: a typo in the path must not cost an evaluation
+        check_writable_parent(args.results_file, "--results-file")
     rank, world, device = init_distributed()
     model = create_model(args.model, pretrained=args.pretrained, checkpoint_path=_checkpoint_file(args.checkpoint),
-                                  num_classes=args.num_classes, in_chans=args.in_chans)
+                         num_classes=args.num_classes, in_chans=args.in_chans)
+    _check_mean_std(args, model.in_chans)
     cfg = data_config_for(model, args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation,
                           mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None)
     dataset = create_dataset(args.dataset, args.data_dir, args.split, create_transform(**cfg), model.in_chans)
@@ -178,28 +255,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if n_classes and n_classes != model.num_classes:
         raise ValueError(f"the dataset has {n_classes} classes but {args.model} has {model.num_classes} outputs "
                          f"(pass --num-classes {n_classes} with a matching --checkpoint)")
+    random_weights = not args.pretrained and not args.checkpoint
+    if random_weights and is_main_process():
+        print(f"wszoo eval: warning: {args.model} has random weights (no --pretrained or --checkpoint): its "
+              "accuracy is chance level", file=sys.stderr)
     result = evaluate(model, dataset, batch_size=args.batch_size, workers=args.workers, device=device,
                       amp=args.amp, channels_last=args.channels_last)
     result.update({
-        "model": args.model, "param_count": _count_params(model), "img_size": cfg["input_size"][-1],
+        "model": args.model, "weights": "random" if random_weights else "pretrained" if not args.checkpoint
+        else str(args.checkpoint), "param_count": _count_params(model), "img_size": cfg["input_size"][-1],
         "crop_pct": cfg["crop_pct"], "interpolation": cfg["interpolation"], "world_size": world,
     })
     if not is_main_process():
         return 0
-    if args.results_format == "csv":
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(result))
-        writer.writeheader()
-        writer.writerow(result)
-        text = buf.getvalue()
-    else:
-        text = json.dumps(result, indent=2) + "\n"
-    if args.results_file:
-        with open(args.results_file, "w") as f:
-            f.write(text)
+    text = _format_results(result, args.results_format)
     print(f"{args.model}: top1 {result['top1']:.2f}%  top5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
           f"({result['num_samples']} images, {result['img_per_sec']:.0f} img/s)")
-    if not args.results_file:
+    if args.results_file:
+        atomic_write_text(args.results_file, text)
+    else:
         print(text, end="")
     return 0
 
@@ -232,12 +306,10 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_report, run_benchmarks, write_report
+    from .files import check_writable_parent
 
-    for name, value in (("--img-size", args.img_size), ("--eval-batch", args.eval_batch),
-                        ("--train-batch", args.train_batch), ("--accum-steps", args.accum_steps),
-                        ("--repeats", args.repeats), ("--eval-repeats", args.eval_repeats)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    if args.output:
+        check_writable_parent(args.output, "--output")
     report = run_benchmarks(
         args.models, tune_allocator=not args.no_tune_allocator, threads=args.threads, img_size=args.img_size,
         eval_batch=args.eval_batch, train_batch=args.train_batch, accum_steps=args.accum_steps,
@@ -261,11 +333,11 @@ def _add_list_parser(sub) -> None:
 def _add_info_parser(sub) -> None:
     p = sub.add_parser("info", help="describe one model (parameters, preprocessing, features)")
     p.add_argument("model", help="arch or arch.tag")
-    p.add_argument("--num-classes", type=int, default=None)
+    _count_arg(p, "--num-classes", least=0, default=None)
     p.add_argument("--checkpoint", default=None, help="local .safetensors state dict to load")
     p.add_argument("--forward", action="store_true", help="also run one forward pass on a random image")
-    p.add_argument("--img-size", type=int, default=None, help="forward input size (default: the cfg's input_size)")
-    p.add_argument("-b", "--batch-size", type=int, default=1)
+    _count_arg(p, "--img-size", default=None, help="forward input size (default: the cfg's input_size)")
+    _count_arg(p, "-b", "--batch-size", default=1)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
 
@@ -275,16 +347,12 @@ def _add_eval_parser(sub) -> None:
     _model_args(p)
     p.add_argument("--dataset", default="imagefolder", help="imagefolder, fashion-mnist, or a torchvision dataset name")
     p.add_argument("--split", default="val", help="subfolder / split to evaluate (default val; test for fashion-mnist)")
-    p.add_argument("-b", "--batch-size", type=int, default=64)
-    p.add_argument("-j", "--workers", type=int, default=0)
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--crop-pct", type=float, default=None)
-    p.add_argument("--interpolation", default=None)
+    _ranged(p, "--crop-pct", type=float, default=None, low=0, high=1, low_open=True)
+    p.add_argument("--interpolation", default=None, choices=INTERPOLATIONS)
     p.add_argument("--mean", type=float, nargs="+", default=None)
     p.add_argument("--std", type=float, nargs="+", default=None)
-    p.add_argument("--amp", nargs="?", const="bf16", default=None, help="autocast dtype: bf16 (default) or fp16")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--results-file", default=None)
+    p.add_argument("--results-file", default=None, help="write the results here (its directory must exist)")
     p.add_argument("--results-format", choices=["json", "csv"], default="json")
     p.set_defaults(func=_cmd_eval)
 
@@ -292,36 +360,37 @@ def _add_eval_parser(sub) -> None:
 def _add_finetune_parser(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a model on an ImageFolder tree or Fashion-MNIST")
     _model_args(p)
+    p.set_defaults(batch_size=32)
     p.add_argument("--dataset", default="imagefolder")
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("-b", "--batch-size", type=int, default=32, help="micro-batch size per process")
-    p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
+    _count_arg(p, "--epochs", default=10)
+    _count_arg(p, "--accum-steps", default=1, help="micro-batches per optimizer step")
     p.add_argument("--no-accumulate-ws", action="store_true",
                    help="standardize the WS weights in every micro-batch instead of once per optimizer step")
     p.add_argument("--no-tune-allocator", action="store_true",
                    help="on CPU, leave glibc's malloc thresholds alone (see wszoo.tune_cpu_allocator)")
     p.add_argument("--opt", choices=["sgd", "adamw"], default="sgd")
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--min-lr", type=float, default=0.0)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--warmup-epochs", type=float, default=0.5)
+    _ranged(p, "--lr", type=float, default=0.05, low=0, low_open=True)
+    _ranged(p, "--min-lr", type=float, default=0.0, low=0)
+    _ranged(p, "--momentum", type=float, default=0.9, low=0, high=1, high_open=True)
+    _ranged(p, "--weight-decay", type=float, default=5e-4, low=0)
+    _ranged(p, "--warmup-epochs", type=float, default=0.5, low=0)
     p.add_argument("--clip-mode", choices=["none", "norm", "agc"], default="none")
-    p.add_argument("--clip-grad", type=float, default=0.01, help="AGC clip factor, or the max grad norm")
-    p.add_argument("--freeze-stages", type=int, default=-1, help="0: stem, k: stem and stages 1..k; -1: none")
-    p.add_argument("--amp", nargs="?", const="bf16", default=None)
-    p.add_argument("--ema-decay", type=float, default=0.0, help="e.g. 0.999; 0 disables EMA")
-    p.add_argument("--drop", type=float, default=0.0)
-    p.add_argument("--drop-path", type=float, default=0.0)
+    _ranged(p, "--clip-grad", type=float, default=0.01, low=0, low_open=True,
+            help="AGC clip factor, or the max grad norm")
+    _count_arg(p, "--freeze-stages", least=-1, default=-1, help="0: stem, k: stem and stages 1..k; -1: none")
+    _ranged(p, "--ema-decay", type=float, default=0.0, low=0, high=1, high_open=True,
+            help="e.g. 0.999; 0 disables EMA")
+    _ranged(p, "--drop", type=float, default=0.0, low=0, high=1, high_open=True)
+    _ranged(p, "--drop-path", type=float, default=0.0, low=0, high=1, high_open=True)
     p.add_argument("--aug", choices=["timm", "flip-crop", "none"], default="timm")
-    p.add_argument("--limit-train", type=int, default=None, help="use the first N training images")
-    p.add_argument("--limit-val", type=int, default=None)
-    p.add_argument("-j", "--workers", type=int, default=0)
+    _count_arg(p, "--limit-train", default=None, help="use the first N training images")
+    _count_arg(p, "--limit-val", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-interval", type=int, default=50)
+    _count_arg(p, "--log-interval", least=0, default=50)
     p.add_argument("--output", required=True, help="directory for checkpoints (last/, best/) and metrics.jsonl")
     p.add_argument("--resume", default=None, help="a previous --output directory to continue from")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --output (by default an existing run is refused)")
     p.set_defaults(func=_cmd_finetune)
 
 
@@ -330,13 +399,14 @@ def _add_study_parser(sub) -> None:
                                      "1, 2, 32")
     p.add_argument("name", choices=["microbatch"])
     p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 32])
+    _count_arg(p, "--batch-sizes", nargs="+", default=[1, 2, 32])
     p.add_argument("--norms", nargs="+", default=None,
                    help="default all: bn, gn, gn_ws, bcn_ws (Batch-Channel Norm with estimated statistics + WS)")
-    p.add_argument("--train-images", type=int, default=None, help="subset: first N training images (default all)")
-    p.add_argument("--test-images", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=0.05, help="learning rate at batch 32 (scaled linearly)")
+    _count_arg(p, "--train-images", default=None, help="subset: first N training images (default all)")
+    _count_arg(p, "--test-images", default=None)
+    _count_arg(p, "--epochs", default=1)
+    _ranged(p, "--lr", type=float, default=0.05, low=0, low_open=True,
+            help="learning rate at batch 32 (scaled linearly)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="directory for microbatch.json/.md and microbatch_loss.png")
     p.set_defaults(func=_cmd_study)
@@ -348,15 +418,15 @@ def _add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="what WS costs, as ratios: eval (cached vs folded vs timm), train step, "
                                      "micro-batch accumulation, memory")
     p.add_argument("models", nargs="*", default=list(DEFAULT_MODELS), help=f"default: {' '.join(DEFAULT_MODELS)}")
-    p.add_argument("--img-size", type=int, default=None, help="default: each model's cfg input size")
-    p.add_argument("--eval-batch", type=int, default=8, help="the larger eval batch (batch 1 is always timed)")
-    p.add_argument("--train-batch", type=int, default=8)
-    p.add_argument("--accum-steps", type=int, default=8, help="micro-batches of one image per optimizer step")
-    p.add_argument("--repeats", type=int, default=5, help="timed training steps per variant (best of)")
-    p.add_argument("--eval-repeats", type=int, default=20, help="timed batch-1 eval calls per variant (best of)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--device", default="cpu")
+    _count_arg(p, "--img-size", default=None, help="default: each model's cfg input size")
+    _count_arg(p, "--eval-batch", default=8, help="the larger eval batch (batch 1 is always timed)")
+    _count_arg(p, "--train-batch", default=8)
+    _count_arg(p, "--accum-steps", default=8, help="micro-batches of one image per optimizer step")
+    _count_arg(p, "--repeats", default=5, help="timed training steps per variant (best of)")
+    _count_arg(p, "--eval-repeats", default=20, help="timed batch-1 eval calls per variant (best of)")
+    _count_arg(p, "--warmup", least=0, default=2)
+    _count_arg(p, "--threads", default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--no-timm", action="store_true", help="skip timm's models")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--no-tune-allocator", action="store_true", help="leave glibc's malloc thresholds at their defaults")
@@ -373,10 +443,11 @@ def _add_convert_parser(sub) -> None:
     p.add_argument("--model", required=True, help="target architecture, e.g. dm_nfnet_f0 or resnet50_gn_ws.jhu_in1k")
     p.add_argument("-o", "--output", required=True,
                    help="a .safetensors file, or a directory for save_pretrained (weights, config.json, card)")
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    _count_arg(p, "--num-classes", least=0, default=None)
     p.add_argument("--ws-style", default=None,
                    help="standardization formula of the built model (deepmind + --std-conv-eps 1e-4 = Haiku's)")
-    p.add_argument("--std-conv-eps", type=float, default=None)
+    _ranged(p, "--std-conv-eps", type=float, default=None, low=0, low_open=True)
     p.set_defaults(func=_cmd_convert)
 
 
@@ -389,13 +460,20 @@ def _add_card_parser(sub) -> None:
 
 def _add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="list the registry and run one model of every family")
-    p.add_argument("--img-size", type=int, default=224)
+    _count_arg(p, "--img-size", default=224)
     p.set_defaults(func=_cmd_demo)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, with usage errors on one line (the usage text is one ``-h`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} -h`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``wszoo`` argument parser: one sub-parser per command."""
-    parser = argparse.ArgumentParser(prog="wszoo", description="Weight Standardization model zoo")
+    parser = _Parser(prog="wszoo", description="Weight Standardization model zoo")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_list_parser(sub)
     _add_info_parser(sub)
@@ -409,10 +487,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    """An expected error as one line. A DataLoader worker's error arrives with the worker's traceback in its
+    message; the line that matters is the original error's, at the end."""
+    text = str(error).strip() or type(error).__name__
+    lines = text.splitlines()
+    if "Original Traceback" in text:
+        last = lines[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(line.strip() for line in lines)
+
+
+def _report(line: str) -> None:
+    """Print a one-line outcome; under torchrun only rank 0 does (every rank meets the same input errors)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one ``wszoo`` command. Expected errors (bad input, missing files, unknown models, unreachable
+    weights) print one line and exit 2; Ctrl-C prints one line and exits 130; a diverged fine-tune exits 1.
+    Only a bug prints a traceback."""
     args = build_parser().parse_args(argv)
+    prefix = f"wszoo {args.command}"
     try:
+        for check in getattr(args, "ranges", None) or []:
+            check.check(getattr(args, check.dest))
         return args.func(args)
-    except (registry.UnknownModelError, ValueError, OSError, NotImplementedError, PretrainedWeightsError) as e:
-        print(f"wszoo {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        _report(f"{prefix}: interrupted")
+        return 130
+    except Exception as e:  # sorted below: our errors and the environment's are one line, the rest re-raised
+        from .train import TrainingDiverged, TrainingInterrupted
+
+        if isinstance(e, TrainingInterrupted):
+            _report(f"{prefix}: {e}")
+            return 130
+        if isinstance(e, TrainingDiverged):
+            _report(f"{prefix}: error: {e}")
+            return 1
+        if isinstance(e, (ValueError, OSError, NotImplementedError, PretrainedWeightsError)):
+            _report(f"{prefix}: error: {_one_line(e)}")
+            return 2
+        raise

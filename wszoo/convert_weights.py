@@ -20,18 +20,20 @@ import io
 import os
 import pickle
 import zipfile
+from pathlib import Path
 from typing import Dict, Mapping, Optional
 
 import numpy as np
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, check_state_dict, read_torch_checkpoint
+from .checkpoint import CheckpointError, check_state_dict, non_finite_tensors, read_torch_checkpoint
 from .factory import create_model
-from .hub import save_pretrained
+from .files import atomic_path, check_writable_parent
+from .hub import is_saved_model_dir, save_pretrained
 from .models.nfnet import haiku_params_to_state_dict
 
-__all__ = ["read_haiku_params", "convert_deepmind_nfnet", "convert_torch_checkpoint", "save_converted"]
+__all__ = ["read_haiku_params", "convert_deepmind_nfnet", "convert_torch_checkpoint", "save_converted", "check_output"]
 
 _SAFE_GLOBALS = {
     ("numpy", "ndarray"), ("numpy", "dtype"),
@@ -88,20 +90,46 @@ def read_haiku_params(path: str) -> Dict[str, np.ndarray]:
     return _flatten(tree)
 
 
+def check_output(out: str, force: bool = False) -> None:
+    """Before any work: ``out``'s directory must exist, and an existing ``out`` is replaced only with
+    ``force`` (a directory only when it holds a saved model: nothing unrelated is overwritten)."""
+    out = os.fspath(out)
+    check_writable_parent(out, "output")
+    target = Path(out)
+    if not target.exists():
+        return
+    if not force:
+        raise ValueError(f"output {out!r} already exists; pass --force (force=True) to replace it")
+    if target.is_dir() and any(target.iterdir()) and not is_saved_model_dir(out):
+        raise ValueError(f"output {out!r} is a directory holding other files, not a saved model: refusing to "
+                         "write into it even with --force")
+    if out.endswith(".safetensors") and target.is_dir():
+        raise ValueError(f"output {out!r} is a directory, not a .safetensors file")
+
+
 def save_converted(model: nn.Module, out: str, source: str) -> str:
-    """``out`` ending in ``.safetensors``: the state dict alone; otherwise a ``save_pretrained`` directory."""
+    """``out`` ending in ``.safetensors``: the state dict alone (written atomically, refused if any tensor is
+    NaN/Inf); otherwise a ``save_pretrained`` directory."""
     out = os.fspath(out)
     if out.endswith(".safetensors"):
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out,
-                  metadata={"architecture": model.pretrained_cfg["architecture"], "source": os.path.basename(source)})
+        tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        bad = non_finite_tensors(tensors)
+        if bad:
+            raise CheckpointError(f"refusing to save non-finite values (NaN/Inf) in {', '.join(bad[:10])}")
+        metadata = {"architecture": model.pretrained_cfg["architecture"], "source": os.path.basename(source)}
+        with atomic_path(out) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
         return out
     return save_pretrained(model, out)
 
 
-def convert_deepmind_nfnet(src: str, model_name: str, out: Optional[str] = None, **model_kwargs) -> nn.Module:
+def convert_deepmind_nfnet(src: str, model_name: str, out: Optional[str] = None, force: bool = False,
+                           **model_kwargs) -> nn.Module:
     """Convert an official ``F{i}_haiku.npz`` into ``model_name`` (e.g. ``dm_nfnet_f0``) and optionally save
-    it (see :func:`save_converted`). For DeepMind's exact numerics pass ``ws_style='deepmind',
-    std_conv_eps=1e-4``."""
+    it (see :func:`save_converted`; an existing ``out`` only with ``force``). For DeepMind's exact numerics
+    pass ``ws_style='deepmind', std_conv_eps=1e-4``."""
+    if out is not None:
+        check_output(out, force)
     model = create_model(model_name, **model_kwargs)
     state_dict = haiku_params_to_state_dict(read_haiku_params(src), model)
     model.load_state_dict(state_dict)
@@ -110,8 +138,12 @@ def convert_deepmind_nfnet(src: str, model_name: str, out: Optional[str] = None,
     return model
 
 
-def convert_torch_checkpoint(src: str, model_name: str, out: Optional[str] = None, **model_kwargs) -> nn.Module:
-    """Load a pickle in ``model_name``'s own key layout (e.g. Qiao's GN+WS ResNets) strictly, and save it."""
+def convert_torch_checkpoint(src: str, model_name: str, out: Optional[str] = None, force: bool = False,
+                             **model_kwargs) -> nn.Module:
+    """Load a pickle in ``model_name``'s own key layout (e.g. Qiao's GN+WS ResNets) strictly, and save it
+    (an existing ``out`` only with ``force``)."""
+    if out is not None:
+        check_output(out, force)
     model = create_model(model_name, **model_kwargs)
     state_dict = read_torch_checkpoint(src)
     check_state_dict(model, state_dict, source=f"checkpoint {os.fspath(src)!r}")

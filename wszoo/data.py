@@ -5,6 +5,7 @@ for one input channel, ``'RGB'`` for three), so timm's transforms apply unchange
 import gzip
 import os
 import struct
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -12,10 +13,11 @@ import numpy as np
 import torch.nn as nn
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 
 __all__ = ["DataError", "FashionMNIST", "create_dataset", "class_count", "data_config_for", "build_transforms",
+           "check_image_files",
            "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES"]
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts the files.
@@ -121,26 +123,77 @@ class FashionMNIST(Dataset):
         return (self.transform(img) if self.transform else img), int(self.targets[index])
 
 
+def _load_image(path: str, mode: str) -> Image.Image:
+    """An image file in ``mode``; a file PIL cannot decode is a :class:`DataError` naming it."""
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated / foreign files
+        raise DataError(f"cannot read image {path}: {e}") from e
+
+
+def _split_dirs(root: Path) -> List[str]:
+    """Subfolders of ``root`` that hold folders themselves: the splits of a ``root/<split>/<class>/*`` tree."""
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and any(c.is_dir() for c in d.iterdir()))
+
+
 def _image_folder(root: Path, split: Optional[str], transform, mode: str):
     from torchvision.datasets import ImageFolder
 
     if not root.is_dir():
         raise DataError(f"data directory {root} does not exist")
-    folder = root / split if split and (root / split).is_dir() else root
+    folder = root
+    if split:
+        splits = _split_dirs(root)
+        if (root / split).is_dir():
+            folder = root / split
+        elif splits:  # a split tree without the asked split: never fall back to its root (splits as classes)
+            raise DataError(f"{root} has no split {split!r}; the splits present are: {', '.join(splits)}")
     try:
-        ds = ImageFolder(str(folder), transform=transform, loader=lambda p: Image.open(p).convert(mode))
+        return ImageFolder(str(folder), transform=transform, loader=partial(_load_image, mode=mode))
     except FileNotFoundError as e:  # torchvision's words for "no class folders" / "no images"
         raise DataError(f"{folder}: {e}") from e
-    return ds
+
+
+def _complete(path: str) -> None:
+    """Raise unless ``path`` is an image whose data is all there: PIL parses the header (and for PNG checks
+    every chunk's CRC up to IEND); a JPEG must end with its end-of-image marker. Cheap: no pixel decoding."""
+    with Image.open(path) as img:
+        fmt = img.format
+        img.verify()
+    if fmt == "JPEG":
+        with open(path, "rb") as f:
+            f.seek(-2, os.SEEK_END)
+            if f.read(2) != b"\xff\xd9":
+                raise OSError("the JPEG data is truncated (no end-of-image marker)")
+
+
+def check_image_files(paths: Sequence[str]) -> None:
+    """Find unreadable or truncated image files before any training or evaluation time is spent on them."""
+    bad = []
+    for path in paths:
+        try:
+            _complete(path)
+        except (OSError, ValueError, SyntaxError) as e:
+            bad.append(f"{path} ({e})")
+    if bad:
+        more = f" ... and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise DataError(f"{len(bad)} unreadable image file(s): {'; '.join(bad[:3])}{more}. Remove or replace them")
 
 
 def create_dataset(name: str, root: Optional[str], split: str = "val", transform: Optional[Callable] = None,
-                   in_chans: int = 3, limit: Optional[int] = None) -> Dataset:
+                   in_chans: int = 3, limit: Optional[int] = None, check_images: bool = True) -> Dataset:
     """``imagefolder`` (``root/<split>/<class>/*`` or ``root/<class>/*``), ``fashion-mnist``, or a
     torchvision dataset class by name (``cifar10``, ``stl10`` ...; files must already be in ``root``).
 
-    The returned dataset has ``classes``.
+    The returned dataset has ``classes``. An image folder's files are checked first (:func:`check_image_files`)
+    unless ``check_images=False``.
     """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise DataError(f"limit must be a positive number of images, got {limit!r}")
+    if in_chans not in (1, 3):
+        raise DataError(f"image datasets give 1-channel (L) or 3-channel (RGB) images, not {in_chans}: "
+                        "use --in-chans 1 or 3")
     mode = "L" if in_chans == 1 else "RGB"
     key = name.lower().replace("_", "-")
     if key == "imagefolder":
@@ -165,13 +218,14 @@ def create_dataset(name: str, root: Optional[str], split: str = "val", transform
             raise DataError(f"{name} in {root}: {e}") from e
         ds = _ModeWrapper(ds, transform, mode)
     if limit is not None and not isinstance(ds, FashionMNIST):  # FashionMNIST applied it itself
-        from torch.utils.data import Subset
-
         classes = ds.classes
         ds = Subset(ds, range(min(limit, len(ds))))
         ds.classes = classes
     if len(ds) == 0:
         raise DataError(f"dataset {name!r} at {root} ({split}) is empty")
+    if check_images and key == "imagefolder":
+        samples = ds.dataset.samples if isinstance(ds, Subset) else ds.samples
+        check_image_files([samples[i][0] for i in range(len(ds))])
     return ds
 
 

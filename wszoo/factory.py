@@ -12,7 +12,7 @@ from .checkpoint import load_checkpoint
 from .hub import load_pretrained, resolve_saved_model
 from .models.helpers import freeze_stages
 
-__all__ = ["create_model", "ModelSource", "resolve_source"]
+__all__ = ["create_model", "ModelSource", "resolve_source", "check_create_args"]
 
 
 @dataclass
@@ -35,6 +35,25 @@ def resolve_source(model_name: str) -> ModelSource:
     arch, _ = registry.split_model_name(model_name)
     registry.model_entrypoint(model_name)
     return ModelSource(arch, registry.get_pretrained_cfg(model_name), {})
+
+
+def _require_int(name: str, value: Any, least: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def _require_rate(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
+
+
+def check_create_args(num_classes: Any, in_chans: Any, drop_rate: Any, drop_path_rate: Any, frozen_stages: Any) -> None:
+    """Refuse values no model can be built with, naming the valid range (before anything is built)."""
+    _require_int("num_classes", num_classes, 0)
+    _require_int("in_chans", in_chans, 1)
+    _require_int("frozen_stages", frozen_stages, -1)
+    _require_rate("drop_rate", drop_rate)
+    _require_rate("drop_path_rate", drop_path_rate)
 
 
 def _model_args(source: ModelSource, num_classes: Optional[int], in_chans: Optional[int],
@@ -120,6 +139,7 @@ def create_model(
     """
     if out_indices is not None and not features_only:
         raise ValueError("out_indices is for features_only=True")
+    check_create_args(num_classes, in_chans, drop_rate, drop_path_rate, frozen_stages)
     source = resolve_source(model_name)
     args = _model_args(source, num_classes, in_chans, kwargs)
     model = registry.model_entrypoint(source.arch)(drop_rate=drop_rate, drop_path_rate=drop_path_rate, **args)

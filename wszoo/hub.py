@@ -29,11 +29,13 @@ from huggingface_hub.errors import (
 from safetensors.torch import save_file
 from timm.models import adapt_input_conv
 
-from .checkpoint import check_state_dict, read_safetensors, read_torch_checkpoint, strip_prefix
+from .checkpoint import check_state_dict, non_finite_tensors, read_safetensors, read_torch_checkpoint, strip_prefix
+from .files import atomic_path, atomic_write_text
 
 __all__ = [
     "PretrainedWeightsError", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "download_from_hub", "load_pretrained",
     "save_pretrained", "push_to_hub", "parse_hf_hub_name", "read_saved_config", "resolve_saved_model",
+    "is_saved_model_dir",
     "wszoo_cache_dir",
 ]
 
@@ -310,14 +312,33 @@ def _model_card(config: Mapping[str, Any], num_params: int, class_name: str) -> 
     return "\n".join(lines) + "\n"
 
 
+def is_saved_model_dir(directory: str) -> bool:
+    """True if ``directory`` holds a saved model (a ``config.json`` naming an architecture)."""
+    try:
+        read_saved_config(directory)
+    except PretrainedWeightsError:
+        return False
+    return True
+
+
 def _write_saved_model(out: Path, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any],
                        class_name: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    """The three files, each written atomically (weights last: a reader that sees the new weights sees the new
+    config). Refuses non-finite weights, and a non-empty directory that is not a saved model."""
+    if out.is_dir() and any(out.iterdir()) and not is_saved_model_dir(str(out)):
+        raise ValueError(f"{out} is not empty and holds no saved model ({CONFIG_NAME} naming an architecture): "
+                         "refusing to write a model into it; choose a new or empty directory")
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise ValueError(f"refusing to save {config['architecture']}: non-finite values (NaN/Inf) in {len(bad)} "
+                         f"tensor(s): {', '.join(bad[:10])}")
+    out.mkdir(parents=True, exist_ok=True)
     num_params = sum(v.numel() for v in tensors.values() if v.is_floating_point())
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt", "architecture": config["architecture"]})
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (out / CARD_NAME).write_text(_model_card(config, num_params, class_name), encoding="utf-8")
+    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    atomic_write_text(out / CARD_NAME, _model_card(config, num_params, class_name))
+    with atomic_path(out / WEIGHTS_NAME) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt", "architecture": config["architecture"]})
 
 
 def save_pretrained(model: nn.Module, save_dir: str) -> str:
@@ -325,7 +346,9 @@ def save_pretrained(model: nn.Module, save_dir: str) -> str:
     ``create_model('local-dir:...')``, ``create_model('hf-hub:...')`` and :func:`push_to_hub` read.
 
     The config records the model as it is now: its class count (after ``reset_classifier`` too, 0
-    included), input channels, global pooling, and the other arguments it was built with."""
+    included), input channels, global pooling, and the other arguments it was built with. Each file is
+    written atomically; a non-empty directory that is not a saved model, and non-finite weights, are refused.
+    """
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     if not cfg.get("architecture"):
         raise ValueError("save_pretrained needs a model made by wszoo.create_model (it has no pretrained_cfg)")

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import time
 from contextlib import ExitStack, nullcontext
@@ -22,10 +23,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, non_finite_tensors, read_safetensors
 from .data import DataError, build_transforms, class_count, create_dataset, data_config_for
 from .distributed import all_reduce_gradients, init_distributed, is_main_process
 from .evaluate import autocast_context, evaluate
@@ -33,9 +34,10 @@ from .factory import create_model
 from .hub import WEIGHTS_NAME, save_pretrained
 from .models.helpers import freeze_stages
 from .optim import adaptive_clip_grad, agc_parameters
+from .run_dir import RunDirectory
 from .speed import accumulate_ws, tune_cpu_allocator, ws_layers
 
-__all__ = ["finetune"]
+__all__ = ["finetune", "TrainingDiverged", "TrainingInterrupted"]
 
 _logger = logging.getLogger("wszoo")
 
@@ -63,9 +65,10 @@ def _build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.
     raise ValueError(f"unknown --opt {args.opt!r}; choose sgd or adamw")
 
 
-def _save_train_state(out: Path, optimizer, scheduler, epoch: int, best: float, ema) -> None:
-    """Optimizer tensors to safetensors, the rest to JSON: resuming never unpickles anything."""
-    sd = optimizer.state_dict()
+def _save_train_state(out: Path, run: "_Run", epoch: int, best: float) -> None:
+    """Optimizer tensors to safetensors, the rest to JSON: resuming never unpickles anything. The JSON also
+    says what the run is (model, optimizer), so a resume with other settings is refused."""
+    sd = run.optimizer.state_dict()
     tensors, state = {}, {}
     for pid, entry in sd["state"].items():
         state[str(pid)] = {}
@@ -74,26 +77,53 @@ def _save_train_state(out: Path, optimizer, scheduler, epoch: int, best: float, 
                 tensors[f"optimizer.{pid}.{key}"] = value.detach().contiguous().cpu()
             else:
                 state[str(pid)][key] = value
-    if ema is not None:
-        tensors.update({f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.module.state_dict().items()})
+    if run.ema is not None:
+        tensors.update({f"ema.{k}": v.detach().contiguous().cpu() for k, v in run.ema.module.state_dict().items()})
     save_file(tensors, str(out / "train_state.safetensors"))
-    meta = {"epoch": epoch, "best_top1": best, "param_groups": sd["param_groups"], "state": state,
-            "scheduler": scheduler.state_dict()}
+    meta = {"epoch": epoch, "best_top1": best, "model": run.args.model,
+            "architecture": run.model.pretrained_cfg["architecture"], "num_classes": run.model.num_classes,
+            "opt": run.args.opt, "lr": run.args.lr, "ema": run.ema is not None,
+            "param_groups": sd["param_groups"], "state": state, "scheduler": run.scheduler.state_dict()}
     (out / "train_state.json").write_text(json.dumps(meta, indent=1, default=float))
 
 
-def _load_train_state(src: Path, optimizer, scheduler, ema) -> Tuple[int, float]:
-    tensors = load_file(str(src / "train_state.safetensors"))
-    meta = json.loads((src / "train_state.json").read_text())
+def _check_resumable(meta: Dict[str, Any], run: "_Run", src: Path) -> None:
+    """The run being resumed must be this one: same architecture, optimizer, EMA, and epochs left to train."""
+    args, arch = run.args, run.model.pretrained_cfg["architecture"]
+    if meta.get("architecture", arch) != arch:
+        raise DataError(f"--resume {src}: that run trained {meta['architecture']} ({meta.get('model')}), not {arch}; "
+                        f"pass --model {meta.get('model')}")
+    if meta.get("opt", args.opt) != args.opt:
+        raise DataError(f"--resume {src}: that run used --opt {meta['opt']}; resume it with the same optimizer")
+    if meta.get("lr", args.lr) != args.lr:  # the restored optimizer and schedule would silently keep the old one
+        raise DataError(f"--resume {src}: that run used --lr {meta['lr']:g}; resume it with the same --lr (for "
+                        f"another, start a new run from --checkpoint {src / 'last'})")
+    if meta.get("ema", run.ema is not None) != (run.ema is not None):
+        raise DataError(f"--resume {src}: that run {'used' if meta['ema'] else 'did not use'} EMA; pass the same "
+                        "--ema-decay")
+    if int(meta["epoch"]) + 1 >= args.epochs:
+        raise DataError(f"--resume {src}: epochs 0..{meta['epoch']} are done; pass --epochs above "
+                        f"{int(meta['epoch']) + 1} to train more")
+
+
+def _load_train_state(src: Path, run: "_Run") -> Tuple[int, float]:
+    meta = RunDirectory(src).state()
+    if meta is None:
+        raise DataError(f"--resume {src}: no train_state.json there (not a wszoo finetune output?)")
+    _check_resumable(meta, run, src)
+    tensors = read_safetensors(str(src / "train_state.safetensors"))
     state: Dict[int, Dict[str, Any]] = {int(pid): dict(v) for pid, v in meta["state"].items()}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
             _, pid, name = key.split(".", 2)
             state[int(pid)][name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
-    if ema is not None:
-        ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    try:
+        run.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (ValueError, KeyError) as e:
+        raise DataError(f"--resume {src}: the optimizer state does not fit this model and optimizer ({e})") from e
+    run.scheduler.load_state_dict(meta["scheduler"])
+    if run.ema is not None:
+        run.ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     return int(meta["epoch"]) + 1, float(meta["best_top1"])
 
 
@@ -196,12 +226,25 @@ def _prepare(args: argparse.Namespace, world: int, device: torch.device) -> Tupl
 
 
 def _resume(run: _Run, src: Path) -> Tuple[int, float]:
-    """Weights from ``src/last``, optimizer/scheduler/EMA state from ``src/train_state.*``."""
+    """Weights from ``src/last``, optimizer/scheduler/EMA state from ``src/train_state.*``, after finishing
+    (rank 0) any epoch whose commit was interrupted."""
+    if not src.is_dir():
+        raise DataError(f"--resume {src}: no last/{WEIGHTS_NAME} there (no such directory)")
+    if is_main_process():
+        RunDirectory(src).recover()
+    if run.world > 1:
+        dist.barrier()
     weights = src / "last" / WEIGHTS_NAME
     if not weights.is_file():
         raise DataError(f"--resume {src}: no last/{WEIGHTS_NAME} there (not a wszoo finetune output?)")
+    start_epoch, best = _load_train_state(src, run)
     load_checkpoint(run.model, str(weights))
-    return _load_train_state(src, run.optimizer, run.scheduler, run.ema)
+    return start_epoch, best
+
+
+def _no_sync(run: _Run, skip: bool):
+    """DDP's ``no_sync()`` (a fresh context each time: a context manager can be entered once) or nothing."""
+    return run.train_model.no_sync() if skip else nullcontext()
 
 
 def _train_one_epoch(run: _Run, epoch: int) -> Dict[str, Any]:
@@ -222,10 +265,13 @@ def _train_one_epoch(run: _Run, epoch: int) -> Dict[str, Any]:
             # Under accumulate_ws the parameters' gradients only appear on exit, where DDP's hooks don't
             # look: every micro-batch then runs in no_sync and the gradients are all-reduced by hand.
             skip_sync = run.world > 1 and (run.use_accumulate_ws or not last_micro)
-            sync = run.train_model.no_sync() if skip_sync else nullcontext()
-            with sync, autocast_context(args.amp, run.device):
+            with _no_sync(run, skip_sync), autocast_context(args.amp, run.device):
                 loss = F.cross_entropy(run.train_model(images), targets)
-            with sync:
+            if not bool(torch.isfinite(loss)):
+                raise TrainingDiverged(f"the loss became {loss.item()} at epoch {epoch}, batch {i + 1}/"
+                                       f"{len(run.loader)}: training diverged (nothing of this epoch is saved); "
+                                       "lower --lr, or clip gradients with --clip-mode norm/agc")
+            with _no_sync(run, skip_sync):
                 (loss / args.accum_steps).backward()
             loss_sum += loss.item() * len(targets)
             seen += len(targets)
@@ -256,45 +302,105 @@ def _validate(run: _Run) -> Dict[str, Any]:
     return {f"val_{k}": v for k, v in val.items() if k in ("top1", "top5", "loss")}
 
 
-def _save_epoch(run: _Run, out: Path, epoch: int, metrics: Dict[str, Any], best: float) -> float:
-    """metrics.jsonl, last/ (and ema/), best/ when it improved, and the train state; returns the best score."""
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(metrics) + "\n")
+def _save_epoch(run: _Run, out: RunDirectory, epoch: int, metrics: Dict[str, Any], best: float,
+                history: List[str], replace_all: bool) -> float:
+    """Commit the epoch as one unit (see :mod:`wszoo.run_dir`): metrics.jsonl, last/ (and ema/), best/ when it
+    improved, the train state. Returns the best score."""
+    bad = non_finite_tensors(run.model.state_dict())
+    if bad:
+        raise TrainingDiverged(f"epoch {epoch} left non-finite weights ({', '.join(bad[:5])}): training diverged "
+                               "and nothing of it is saved; lower --lr or clip gradients")
+    history.append(json.dumps(metrics))
+    top1 = metrics.get("val_top1", -metrics["train_loss"])
+    improved = top1 > best
+    best = max(best, top1)
+    eval_model = run.ema.module if run.ema is not None else run.model
+
+    def write(stage: Path) -> None:
+        (stage / "metrics.jsonl").write_text("\n".join(history) + "\n")
+        save_pretrained(run.model, str(stage / "last"))
+        if run.ema is not None:
+            save_pretrained(run.ema.module, str(stage / "ema"))
+        if improved:
+            save_pretrained(eval_model, str(stage / "best"))
+        _save_train_state(stage, run, epoch, best)
+
+    out.commit(write, replace_all=replace_all)
     _logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                  for k, v in metrics.items()))
-    save_pretrained(run.model, str(out / "last"))
-    if run.ema is not None:
-        save_pretrained(run.ema.module, str(out / "ema"))
-    top1 = metrics.get("val_top1", -metrics["train_loss"])
-    if top1 > best:
-        best = top1
-        save_pretrained(run.ema.module if run.ema is not None else run.model, str(out / "best"))
-    _save_train_state(out, run.optimizer, run.scheduler, epoch, best, run.ema)
     return best
 
 
+def _check_output(args: argparse.Namespace) -> RunDirectory:
+    """``--output`` may not silently replace a run: it must be new, the run being resumed, or ``--overwrite``."""
+    out = RunDirectory(args.output)
+    if out.path.exists() and not out.path.is_dir():
+        raise DataError(f"--output {out.path} is a file, not a directory")
+    resuming_here = args.resume is not None and Path(args.resume).resolve() == out.path.resolve()
+    if out.holds_run() and not resuming_here and not args.overwrite:
+        state = out.state() or {}
+        done = f" (epochs 0..{state['epoch']} of {state.get('model', '?')})" if "epoch" in state else ""
+        raise DataError(f"--output {out.path} already holds a fine-tuning run{done}; pass --resume {out.path} to "
+                        "continue it, or --overwrite to replace it")
+    existing = next(p for p in (out.path, *out.path.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise DataError(f"--output {out.path}: {existing} is not a writable directory")
+    return out
+
+
+def _history(args: argparse.Namespace, start_epoch: int) -> List[str]:
+    """The metrics rows of the epochs before ``start_epoch`` (of the run being resumed)."""
+    if not args.resume:
+        return []
+    rows = RunDirectory(args.resume).metrics()
+    return [r for r in rows if r.strip() and json.loads(r).get("epoch", -1) < start_epoch]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN/Inf: the run stops, and the diverged epoch is not saved."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C during fine-tuning; the message says what was saved and how to resume."""
+
+
 def finetune(args: argparse.Namespace) -> Dict[str, Any]:
-    """Run ``wszoo finetune``; returns the final metrics (rank 0's view)."""
+    """Run ``wszoo finetune``; returns the final metrics (rank 0's view).
+
+    Raises :class:`TrainingInterrupted` on Ctrl-C (the last committed epoch stays resumable) and
+    :class:`TrainingDiverged` when the loss or the weights become non-finite."""
     rank, world, device = init_distributed()
     _seed_everything(args.seed + rank)
-    out = Path(args.output)
+    out = _check_output(args)
     run, frozen = _prepare(args, world, device)
     start_epoch, best = _resume(run, Path(args.resume)) if args.resume else (0, -1.0)
+    history = _history(args, start_epoch)
     if device.type == "cpu" and not args.no_tune_allocator:
         tune_cpu_allocator()
     main = is_main_process()
     if main:
-        out.mkdir(parents=True, exist_ok=True)
         _logger.info("finetune %s: %d train images, %s val, %d steps/epoch of %d x %d images%s",
                      args.model, len(run.loader.dataset), len(run.val_set) if run.val_set is not None else "no",
                      math.ceil(len(run.loader) / args.accum_steps), args.batch_size, args.accum_steps * world,
                      f", frozen {len(frozen)} tensors" if frozen else "")
     metrics: Dict[str, Any] = {}
-    for epoch in range(start_epoch, args.epochs):
-        metrics = _train_one_epoch(run, epoch)
-        metrics.update(_validate(run))
-        if main:
-            best = _save_epoch(run, out, epoch, metrics, best)
+    # where the last complete epoch is: nowhere yet, or the run being resumed until this one commits
+    epoch, resumable = start_epoch, (Path(args.resume), start_epoch - 1) if args.resume else None
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            metrics = _train_one_epoch(run, epoch)
+            metrics.update(_validate(run))
+            if main:
+                best = _save_epoch(run, out, epoch, metrics, best, history,
+                                   replace_all=args.overwrite and epoch == start_epoch)
+            resumable = (out.path, epoch)
+    except KeyboardInterrupt:
+        if resumable is None:
+            raise TrainingInterrupted(f"interrupted during epoch {epoch}; no epoch was complete, nothing is saved") \
+                from None
+        where, done = resumable
+        raise TrainingInterrupted(f"interrupted during epoch {epoch}; {where} holds epochs 0..{done}: resume with the "
+                                  f"same command and --resume {where}") from None
     if world > 1:
         dist.barrier()
     return metrics
