@@ -19,6 +19,8 @@ def test_readme_examples_run():
     bit_cfg = namespace["bit"].pretrained_cfg
     assert (bit_cfg["input_size"], bit_cfg["crop_pct"]) == ((3, 448, 448), 1.0)
     assert namespace["wszoo"].list_models("resnet*")[:3] == ["resnet50_gn_ws", "resnet101_gn_ws", "resnet_mini_bcn_ws"]
+    assert [namespace[k].shape[1] for k in ("c3", "c4", "c5")] == [512, 1024, 2048]
+    assert len(namespace["maps"]) == 2 and namespace["final"].shape == (1, 960, 7, 7)
     report = namespace["report"]  # torchvision's ResNet-50 converted to GN+WS in two lines
     assert (len(report.converted), len(report.skipped), len(report.norms)) == (53, 1, 53)
     assert str(report).startswith("converted 53 layer(s) to WS, kept 1 plain, replaced 53 norm(s)")

@@ -39,7 +39,7 @@ def test_pretrained_cfg_matches_timm(name):
     ours = wszoo.get_pretrained_cfg(name)
     ref = timm.models.get_pretrained_cfg(name).to_dict()
     for key in ("num_classes", "input_size", "test_input_size", "crop_pct", "test_crop_pct", "crop_mode",
-                "interpolation", "mean", "std", "first_conv", "classifier", "license", "hf_hub_id"):
+                "interpolation", "mean", "std", "first_conv", "classifier", "license", "hf_hub_id", "pool_size"):
         expected = tuple(ref[key]) if isinstance(ref.get(key), list) else ref.get(key)
         assert ours.get(key) == expected, key
     assert ours["tag"] == split_model_name(name)[1]

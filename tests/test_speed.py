@@ -71,7 +71,8 @@ def test_fold_ws_linear_and_inplace():
         assert rel_diff(model(x), ref) < 1e-6
 
 
-@pytest.mark.parametrize("name", ["resnet_mini_gn_ws", "resnetv2_50x1_bit", "nf_resnet26", "dm_nfnet_f0"])
+@pytest.mark.parametrize("name", ["resnet_mini_gn_ws", "resnet_mini_bcn_ws", "resnetv2_50x1_bit", "nf_resnet26",
+                                  "dm_nfnet_f0"])
 def test_folded_models_script_and_export(name):
     folded = wszoo.fold_ws(_model(name).eval())
     x = _input(folded, size=40, batch=1)

@@ -2,13 +2,13 @@
 ``_factory``/``_builder`` from ``_registry``): resolve where the model comes from, build it, load its
 weights, freeze stages, wrap it as a feature extractor."""
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch.nn as nn
-from timm.models import FeatureListNet
 
 from . import registry
 from .checkpoint import load_checkpoint
+from .features import wrap_features
 from .hub import load_pretrained, resolve_saved_model
 from .models.helpers import freeze_stages
 
@@ -83,21 +83,6 @@ def _load_weights(model: nn.Module, source: ModelSource, pretrained: bool, check
         load_pretrained(model, source.pretrained_cfg)
 
 
-def _wrap_features(model: nn.Module, out_indices: Optional[Sequence[int]]) -> nn.Module:
-    """timm's ``FeatureListNet`` over the levels of ``model.feature_info``, as the family's
-    ``feature_wrap_cfg`` says (e.g. whether its Sequential containers must be flattened)."""
-    levels = len(model.feature_info)
-    indices = tuple(out_indices) if out_indices is not None else tuple(range(levels))
-    bad = [i for i in indices if not -levels <= i < levels]
-    if bad:
-        raise ValueError(f"out_indices {bad} out of range: {model.pretrained_cfg['architecture']} has {levels} "
-                         "feature levels")
-    cfg, args = model.pretrained_cfg, model.model_args
-    features = FeatureListNet(model, out_indices=indices, **getattr(model, "feature_wrap_cfg", {}))
-    features.pretrained_cfg, features.default_cfg, features.model_args = cfg, cfg, args
-    return features
-
-
 def create_model(
     model_name: str,
     pretrained: bool = False,
@@ -109,6 +94,8 @@ def create_model(
     features_only: bool = False,
     out_indices: Optional[Sequence[int]] = None,
     frozen_stages: int = -1,
+    feature_cls: Union[str, type, None] = None,
+    feature_cfg: Optional[Dict[str, Any]] = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a registered model by name, timm-style.
@@ -130,6 +117,8 @@ def create_model(
             maps, ``model.feature_info`` has ``channels()``, ``reduction()``, ``module_name()``.
         out_indices: which entries of ``feature_info`` to return (default all; ``(1, 2, 3, 4)`` gives
             strides 4, 8, 16, 32 on the ImageNet families).
+        feature_cls: the feature wrapper, as timm names them: ``'list'`` (default), ``'dict'``, ``'hook'``,
+            ``'fx'`` or ``'getter'`` (see :mod:`wszoo.features`); feature_cfg: more arguments for it.
         frozen_stages: -1 none; 0 the stem; k the stem and stages 1..k (``requires_grad=False``, frozen
             BatchNorms keep their statistics), as detection recipes use.
         **kwargs: passed to the architecture (e.g. ``global_pool``, ``output_stride``, ``ws_style``).
@@ -137,8 +126,9 @@ def create_model(
     The model gets ``pretrained_cfg`` (a dict usable by ``timm.data.resolve_data_config``) and
     ``model_args`` (what it was built with).
     """
-    if out_indices is not None and not features_only:
-        raise ValueError("out_indices is for features_only=True")
+    for name, value in (("out_indices", out_indices), ("feature_cls", feature_cls), ("feature_cfg", feature_cfg)):
+        if value is not None and not features_only:
+            raise ValueError(f"{name} is for features_only=True")
     check_create_args(num_classes, in_chans, drop_rate, drop_path_rate, frozen_stages)
     source = resolve_source(model_name)
     args = _model_args(source, num_classes, in_chans, kwargs)
@@ -148,4 +138,4 @@ def create_model(
     _load_weights(model, source, pretrained, checkpoint_path)
     if frozen_stages >= 0:
         freeze_stages(model, frozen_stages)
-    return _wrap_features(model, out_indices) if features_only else model
+    return wrap_features(model, out_indices, feature_cls, feature_cfg) if features_only else model

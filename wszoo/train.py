@@ -53,10 +53,11 @@ def _lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
 
 def _build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     decay, no_decay = [], []
-    for p in model.parameters():
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            # no decay on norms, biases and Scaled-WS gains ((out, 1, 1, 1))
-            (no_decay if p.ndim <= 1 or p.shape[1:] == (1, 1, 1) else decay).append(p)
+            # no decay on norms and biases (1-D) nor on what the model names (the Scaled WS gains)
+            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if args.opt == "sgd":
         return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)

@@ -7,7 +7,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 __all__ = ["NONLIN_GAMMA", "GammaAct", "act_with_gamma"]
 
@@ -29,23 +28,25 @@ NONLIN_GAMMA = {
     "tanh": 1.5939117670059204,
 }
 
-_FUNCTIONS: dict = {
-    "identity": lambda x: x,
-    "celu": F.celu,
-    "elu": F.elu,
-    "gelu": F.gelu,
-    "leaky_relu": F.leaky_relu,
-    "log_sigmoid": F.logsigmoid,
-    "log_softmax": lambda x: F.log_softmax(x, dim=1),
-    "relu": F.relu,
-    "relu6": F.relu6,
-    "selu": F.selu,
-    "sigmoid": torch.sigmoid,
-    "silu": F.silu,
-    "softsign": F.softsign,
-    "softplus": F.softplus,
-    "tanh": torch.tanh,
+# each activation as a module (no parameters, so no state-dict keys), so GammaAct scripts and traces
+_MODULES = {
+    "identity": nn.Identity,
+    "celu": nn.CELU,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "leaky_relu": nn.LeakyReLU,
+    "log_sigmoid": nn.LogSigmoid,
+    "log_softmax": lambda: nn.LogSoftmax(dim=1),
+    "relu": nn.ReLU,
+    "relu6": nn.ReLU6,
+    "selu": nn.SELU,
+    "sigmoid": nn.Sigmoid,
+    "silu": nn.SiLU,
+    "softsign": nn.Softsign,
+    "softplus": nn.Softplus,
+    "tanh": nn.Tanh,
 }
+assert set(_MODULES) == set(NONLIN_GAMMA)
 
 
 class GammaAct(nn.Module):
@@ -53,14 +54,14 @@ class GammaAct(nn.Module):
 
     def __init__(self, act: str = "relu", gamma: Optional[float] = None) -> None:
         super().__init__()
-        if act not in _FUNCTIONS:
-            raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(sorted(_FUNCTIONS))}")
+        if act not in _MODULES:
+            raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(sorted(_MODULES))}")
         self.act = act
         self.gamma = NONLIN_GAMMA[act] if gamma is None else float(gamma)
-        self._fn: Callable[[torch.Tensor], torch.Tensor] = _FUNCTIONS[act]
+        self.fn = _MODULES[act]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._fn(x) * self.gamma
+        return self.fn(x) * self.gamma
 
     def extra_repr(self) -> str:
         return f"act={self.act}, gamma={self.gamma:g}"

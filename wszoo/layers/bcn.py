@@ -35,7 +35,9 @@ class EstimatedBatchNorm2d(nn.BatchNorm2d):
                          device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(x)
+        if not torch.jit.is_scripting():
+            if not isinstance(x, torch.fx.Proxy):  # FX cannot branch on shapes
+                self._check_input_dim(x)
         if self.training:
             with torch.no_grad():
                 per_channel = x.detach().transpose(0, 1).flatten(1).to(self.running_mean.dtype)
@@ -88,9 +90,10 @@ class BatchChannelNorm2d(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.num_channels:
-            raise ValueError(f"BatchChannelNorm2d({self.num_channels}) takes (N, {self.num_channels}, H, W), "
-                             f"got {tuple(x.shape)}")
+        if not torch.jit.is_scripting():
+            if not isinstance(x, torch.fx.Proxy) and (x.dim() != 4 or x.shape[1] != self.num_channels):
+                raise ValueError(f"BatchChannelNorm2d({self.num_channels}) takes (N, {self.num_channels}, H, W), "
+                                 f"got {tuple(x.shape)}")
         out = self.bn(x)
         # the per-group affine, spread over each group's channels, rides in group_norm's per-channel affine
         per_group = self.num_channels // self.num_groups

@@ -28,7 +28,8 @@ __all__ = ["P4Conv2d", "P4WSConv2d", "P4OrientationPool", "p4_filter_bank", "rot
 ORIENTATIONS = 4
 
 
-def p4_filter_bank(weight: torch.Tensor, lifting: bool) -> torch.Tensor:
+@torch.fx.wrap  # one FX leaf: the rotations and rolls are shape bookkeeping, not graph structure
+def p4_filter_bank(weight: torch.Tensor, lifting: bool, orientations: int = ORIENTATIONS) -> torch.Tensor:
     """The plain-conv filter bank of a p4 layer: ``(out * 4, in, k, k)`` for a lifting weight
     ``(out, in, k, k)``, ``(out * 4, in * 4, k, k)`` for a group weight ``(out, in, 4, k, k)``.
 
@@ -36,13 +37,12 @@ def p4_filter_bank(weight: torch.Tensor, lifting: bool) -> torch.Tensor:
     group weight, its orientation axis rolled by ``r`` (input orientation ``s`` reads filter slice
     ``(s - r) mod 4``). Output channels are ordered ``(out, orientation)``, input channels ``(in, orientation)``.
     """
-    rotations = range(ORIENTATIONS)
     if lifting:
-        bank = torch.stack([torch.rot90(weight, r, dims=(-2, -1)) for r in rotations], dim=1)
-        return bank.reshape(weight.shape[0] * ORIENTATIONS, *weight.shape[1:])
-    bank = torch.stack([torch.rot90(torch.roll(weight, r, dims=2), r, dims=(-2, -1)) for r in rotations], dim=1)
-    out, cin, _, kh, kw = weight.shape
-    return bank.reshape(out * ORIENTATIONS, cin * ORIENTATIONS, kh, kw)
+        bank = torch.stack([torch.rot90(weight, r, [-2, -1]) for r in range(orientations)], dim=1)
+        return bank.reshape(weight.shape[0] * orientations, weight.shape[1], weight.shape[2], weight.shape[3])
+    bank = torch.stack([torch.rot90(torch.roll(weight, r, 2), r, [-2, -1]) for r in range(orientations)], dim=1)
+    return bank.reshape(weight.shape[0] * orientations, weight.shape[1] * orientations, weight.shape[3],
+                        weight.shape[4])
 
 
 def rotate_p4(x: torch.Tensor, quarter_turns: int = 1) -> torch.Tensor:
@@ -93,6 +93,7 @@ class P4Conv2d(nn.Module):
                 raise ValueError(f"{arg} must be an int >= {least} (the same along both axes, or rotations would "
                                  f"not map the sampling grid to itself), got {value!r}")
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.orientations = ORIENTATIONS  # an attribute: TorchScript reads no module globals
         self.lifting = bool(lifting)
         self.stride, self.dilation = stride, dilation
         self.padding = dilation * (kernel_size // 2) if padding is None else padding
@@ -109,21 +110,24 @@ class P4Conv2d(nn.Module):
             bound = 1 / math.sqrt(self.weight[0].numel())
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lifting:
-            if x.dim() != 4 or x.shape[1] != self.in_channels:
-                raise ValueError(f"a lifting p4 layer takes (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
-            return x
-        if x.dim() != 5 or x.shape[1] != self.in_channels or x.shape[2] != ORIENTATIONS:
+    @torch.jit.unused
+    def _check_input(self, x: torch.Tensor) -> None:
+        if isinstance(x, torch.fx.Proxy):  # traced: shapes are not known, the graph is checked when it runs eagerly
+            return
+        if self.lifting and (x.dim() != 4 or x.shape[1] != self.in_channels):
+            raise ValueError(f"a lifting p4 layer takes (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        if not self.lifting and (x.dim() != 5 or x.shape[1] != self.in_channels or x.shape[2] != ORIENTATIONS):
             raise ValueError(f"a p4 group layer takes (N, {self.in_channels}, 4, H, W), got {tuple(x.shape)}"
                              + (" (use lifting=True for plain images)" if x.dim() == 4 else ""))
-        return x.flatten(1, 2)
 
     def _p4_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        flat = self._check_input(x)
-        bias = None if self.bias is None else self.bias.repeat_interleave(ORIENTATIONS)
-        out = F.conv2d(flat, p4_filter_bank(weight, self.lifting), bias, self.stride, self.padding, self.dilation)
-        return out.unflatten(1, (self.out_channels, ORIENTATIONS))
+        if not torch.jit.is_scripting():
+            self._check_input(x)
+        flat = x if self.lifting else x.flatten(1, 2)
+        bias = None if self.bias is None else self.bias.repeat_interleave(self.orientations)
+        bank = p4_filter_bank(weight, self.lifting, self.orientations)
+        out = F.conv2d(flat, bank, bias, self.stride, self.padding, self.dilation)
+        return out.unflatten(1, [self.out_channels, self.orientations])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._p4_forward(x, self.weight)
@@ -182,8 +186,9 @@ class P4OrientationPool(nn.Module):
         self.mode = mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 5 or x.shape[2] != ORIENTATIONS:
-            raise ValueError(f"P4OrientationPool takes (N, C, 4, H, W), got {tuple(x.shape)}")
+        if not torch.jit.is_scripting():
+            if not isinstance(x, torch.fx.Proxy) and (x.dim() != 5 or x.shape[2] != ORIENTATIONS):
+                raise ValueError(f"P4OrientationPool takes (N, C, 4, H, W), got {tuple(x.shape)}")
         return x.amax(dim=2) if self.mode == "max" else x.mean(dim=2)
 
     def extra_repr(self) -> str:

@@ -22,7 +22,7 @@ them too (its learnable per-filter scale and its fixed filter norm); the others 
 fp16/bf16 autocast (float64 weights in float64), and the result is returned in the weight's own dtype.
 """
 import contextlib
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,39 +39,28 @@ _BATCH_NORM_EXACT = ("timm", "timm_scaled")
 
 
 # Every other style is y = (W - mean) * b(v) * scale per row, with v the biased variance over the fan-in
-# n and b a style-specific function of it. Each entry gives (b, db/dv) on the per-row (out, 1) statistics.
-def _qiao_scale(v: torch.Tensor, n: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    # 1 / (std_unbiased + eps). The variance is floored at the dtype's smallest normal before the sqrt, so
-    # a constant filter gets a finite gradient (the original code's sqrt'(0) gives NaN there).
-    tiny = torch.finfo(v.dtype).tiny
-    std = (v.clamp_min(tiny) * (n / (n - 1))).sqrt()
-    b = (std + eps).reciprocal()
-    return b, torch.where(v > tiny, -b.square() * (n / (n - 1)) / (2 * std), torch.zeros_like(b))
+# n and b a style-specific function of it. _row_scale gives (b, db/dv) on the per-row (out, 1) statistics.
+# (One if/elif function, not a dict of functions, so TorchScript can compile it.)
+def _row_scale(style: str, v: torch.Tensor, n: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    if style == "qiao":
+        # 1 / (std_unbiased + eps). The variance is floored at the dtype's smallest normal before the sqrt, so
+        # a constant filter gets a finite gradient (the original code's sqrt'(0) gives NaN there).
+        tiny = 2.2250738585072014e-308 if v.dtype == torch.float64 else 1.1754943508222875e-38
+        std = (v.clamp_min(tiny) * (n / (n - 1))).sqrt()
+        b = (std + eps).reciprocal()
+        return b, torch.where(v > tiny, -b.square() * (n / (n - 1)) / (2 * std), torch.zeros_like(b))
+    if style == "bcn":
+        b = torch.rsqrt(v * (n / (n - 1)) + eps)  # (var_unbiased + eps)^-1/2
+        return b, -0.5 * (n / (n - 1)) * b ** 3
+    if style == "deepmind":
+        q = v * n  # Haiku's WSConv2D: rsqrt(max(var * fan_in, eps))
+        b = torch.rsqrt(q.clamp_min(eps))
+        return b, torch.where(q > eps, -0.5 * n * b ** 3, torch.zeros_like(b))
+    if style == "cwn":
+        b = torch.rsqrt(v * n + eps)  # 1 / sqrt(||W - mean||^2 + eps): centred filters of unit norm
+        return b, -0.5 * n * b ** 3
+    raise ValueError("no row scale for this style: " + style)
 
-
-def _bcn_scale(v: torch.Tensor, n: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    b = torch.rsqrt(v * (n / (n - 1)) + eps)  # (var_unbiased + eps)^-1/2
-    return b, -0.5 * (n / (n - 1)) * b ** 3
-
-
-def _deepmind_scale(v: torch.Tensor, n: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    q = v * n  # Haiku's WSConv2D: rsqrt(max(var * fan_in, eps))
-    b = torch.rsqrt(q.clamp_min(eps))
-    return b, torch.where(q > eps, -0.5 * n * b ** 3, torch.zeros_like(b))
-
-
-def _cwn_scale(v: torch.Tensor, n: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    b = torch.rsqrt(v * n + eps)  # 1 / sqrt(||W - mean||^2 + eps): centred filters of unit norm
-    return b, -0.5 * n * b ** 3
-
-
-_ROW_SCALES: Dict[str, Callable[[torch.Tensor, int, float], Tuple[torch.Tensor, torch.Tensor]]] = {
-    "qiao": _qiao_scale,
-    "bcn": _bcn_scale,
-    "deepmind": _deepmind_scale,
-    "cwn": _cwn_scale,
-}
-assert set(_ROW_SCALES) | set(_BATCH_NORM_EXACT) == set(WS_STYLES)
 
 def _batch_norm_rows(w2d: torch.Tensor, eps: float, scale: Optional[torch.Tensor]) -> torch.Tensor:
     # batch_norm over a (1, out, fan_in) view: biased variance, eps inside the sqrt, the per-row scale
@@ -99,7 +88,7 @@ class _Standardize(torch.autograd.Function):
         mean = w2d.mean(1, keepdim=True)
         y = w2d - mean
         v = torch.linalg.vector_norm(y, dim=1, keepdim=True).square_().div_(n)
-        b, db = _ROW_SCALES[style](v, n, eps)
+        b, db = _row_scale(style, v, n, eps)
         a = b if scale is None else b * scale.unsqueeze(1)
         y.mul_(a)
         rho = torch.where(db < 0, (-2 * db / b).sqrt(), torch.full_like(b, _RHO_FLOOR))
@@ -168,7 +157,48 @@ def standardize_weight(
 
     Returns:
         A tensor of ``weight``'s shape and dtype, differentiable with respect to ``weight``.
+
+    Eagerly, the non-``batch_norm`` styles run on a fused analytic backward (:class:`_Standardize`). Under
+    TorchScript the same formulas run on plain differentiable ops (float rounding apart, the same numbers);
+    under FX tracing this function is one leaf node (``torch.fx.wrap`` in :mod:`wszoo.layers.ws_layer`).
     """
+    if torch.jit.is_scripting():
+        if eps is None:  # (TorchScript cannot read the DEFAULT_EPS table; WS layers always pass theirs)
+            raise ValueError("under TorchScript, standardize_weight needs an explicit eps (see DEFAULT_EPS)")
+        return _standardize_plain(weight, style, eps, gain, gamma)
+    return _standardize_fused(weight, style, eps, gain, gamma)
+
+
+def _standardize_plain(weight: torch.Tensor, style: str, eps: float, gain: Optional[torch.Tensor],
+                       gamma: float) -> torch.Tensor:
+    """The formulas on plain ops, for TorchScript (no custom autograd, no autocast context, no layouts)."""
+    out_channels = weight.shape[0]
+    w2d = weight.reshape(out_channels, -1)
+    if w2d.dtype != torch.float64:
+        w2d = w2d.float()
+    n = w2d.shape[1]
+    scale: Optional[torch.Tensor] = None
+    if style == "timm_scaled" or style == "deepmind" or style == "cwn":
+        const = gamma * n ** -0.5 if style == "timm_scaled" else gamma
+        scale = torch.full((out_channels,), const, dtype=w2d.dtype, device=w2d.device) if gain is None \
+            else gain.reshape(-1).to(w2d.dtype) * const
+    if style == "timm" or style == "timm_scaled":
+        out = _batch_norm_rows(w2d, eps, scale)
+    else:  # the fused forward's arithmetic, op for op (out of place, for autograd): the same numbers
+        centred = w2d - w2d.mean(1, keepdim=True)
+        b = _row_scale(style, torch.linalg.vector_norm(centred, dim=1, keepdim=True).square() / n, n, eps)[0]
+        out = centred * (b if scale is None else b * scale.unsqueeze(1))
+    return out.to(weight.dtype).reshape(weight.shape)
+
+
+def _standardize_fused(
+    weight: torch.Tensor,
+    style: str,
+    eps: Optional[float],
+    gain: Optional[torch.Tensor],
+    gamma: float,
+) -> torch.Tensor:
+    """The eager path: checks, channels-last layouts, float32 statistics under autocast, fused backward."""
     check_style(style)
     if weight.dim() < 2:
         raise ValueError(f"weight must have an output dim and a fan-in, got shape {tuple(weight.shape)}")

@@ -17,6 +17,9 @@ from .ws_layer import WSLayer
 
 __all__ = ["WSConv2d", "WSConv2dSame", "WSLinear", "ScaledWSConv2d", "ScaledWSConv2dSame", "CWNConv2d", "CWNLinear"]
 
+# TF 'SAME' padding depends on the input size: one FX leaf call, computed on the real input when the graph runs
+torch.fx.wrap("pad_same")
+
 _IntOr2 = Union[int, Tuple[int, int]]
 
 
@@ -133,6 +136,8 @@ class ScaledWSConv2d(WSConv2d):
     ``gamma`` is a constant, the activation's gain when it is folded into the conv (timm's NFNets)
     rather than applied after the activation (DeepMind's). Styles: ``timm_scaled`` or ``deepmind``.
     """
+
+    __jit_unused_properties__ = ["is_accumulating", "gamma"]
 
     def __init__(
         self,

@@ -17,6 +17,10 @@ from .standardize import DEFAULT_EPS, check_style, fan_in_of, standardize_weight
 
 __all__ = ["WSLayer", "is_ws_layer"]
 
+# FX records the standardization as one call (its shape checks and fused kernel do not trace); the traced
+# graph calls it on the real weight, and TorchScript compiles it (its scripting path) when the graph is scripted.
+torch.fx.wrap("standardize_weight")
+
 
 class WSLayer:
     """Mixin for a layer whose ``weight`` is standardized per output filter on every forward.
@@ -43,6 +47,7 @@ class WSLayer:
     ws_style: str
     ws_eps: float
     ws_gamma: float
+    __jit_unused_properties__ = ["is_accumulating"]
 
     def init_ws(self, style: str, eps: Optional[float], gamma: float = 1.0) -> None:
         """Set the formula; call it once ``self.weight`` exists. Refuses filters of fan-in below 2."""
@@ -65,10 +70,15 @@ class WSLayer:
         """The effective weight this layer convolves (or multiplies) with, computed now."""
         return standardize_weight(self.weight, self.ws_style, self.ws_eps, self.ws_gain(), self.ws_gamma)
 
-    @torch.jit.unused
     def forward_weight(self) -> torch.Tensor:
         """The standardized weight a forward pass uses now (see the class docstring for which)."""
-        if torch.compiler.is_compiling():  # traced: no Python-side state, the graph standardizes
+        if torch.jit.is_scripting():  # TorchScript: recomputed, no Python-side state
+            return self.standardized_weight()
+        return self._eager_forward_weight()
+
+    def _eager_forward_weight(self) -> torch.Tensor:
+        # traced (torch.compile, or FX, where the weight is a Proxy): no Python-side state, the graph standardizes
+        if torch.compiler.is_compiling() or isinstance(self.weight, torch.fx.Proxy):
             return self.standardized_weight()
         accumulated = self.__dict__.get("_ws_accumulated")
         if accumulated is not None:

@@ -25,13 +25,21 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
-from timm.layers import AvgPool2dSame, ClassifierHead, DropPath, make_divisible
+from timm.layers import AvgPool2dSame, DropPath, make_divisible
 
 from ..checkpoint import CheckpointError, check_state_dict
 from ..layers import NONLIN_GAMMA, ScaledWSConv2d, ScaledWSConv2dSame, act_with_gamma, create_act
 from ..layers.attention import create_attn
 from ..registry import register_model
-from .helpers import ClassifierHeadApi, checkpoint_blocks, init_classifier_, stage_strides_and_dilations
+from .helpers import (
+    ClassifierHeadApi,
+    IntermediatesApi,
+    check_global_pool,
+    checkpoint_blocks,
+    init_classifier_,
+    make_classifier_head,
+    stage_strides_and_dilations,
+)
 
 __all__ = ["NFNetConfig", "NormFreeNet", "NormFreeBlock", "MODEL_CFGS", "haiku_params_to_state_dict"]
 
@@ -174,7 +182,7 @@ def _make_stem(in_chs: int, out_chs: int, stem_type: str, conv_layer: Callable, 
     raise ValueError(f"unknown stem_type {stem_type!r}; choose 'deep_quad', '3x3' or '7x7_pool'")
 
 
-class NormFreeNet(ClassifierHeadApi, nn.Module):
+class NormFreeNet(IntermediatesApi, ClassifierHeadApi, nn.Module):
     """A normalizer-free network built from an :class:`NFNetConfig`.
 
     Args:
@@ -199,6 +207,7 @@ class NormFreeNet(ClassifierHeadApi, nn.Module):
         **overrides: Any,
     ) -> None:
         super().__init__()
+        check_global_pool(global_pool, num_classes)  # before anything is built
         cfg = replace(cfg, **overrides)
         if cfg.act_layer not in NONLIN_GAMMA:
             raise ValueError(f"no gamma constant for activation {cfg.act_layer!r}; known: {', '.join(NONLIN_GAMMA)}")
@@ -257,7 +266,7 @@ class NormFreeNet(ClassifierHeadApi, nn.Module):
             self.final_conv = nn.Identity()
         self.final_act = act_layer(inplace=False)
         self.head_hidden_size = self.num_features
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.head = make_classifier_head(self.num_features, num_classes, global_pool, drop_rate)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -274,6 +283,34 @@ class NormFreeNet(ClassifierHeadApi, nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups for layer-wise learning rates: the stem, each stage or block, the final conv last."""
+        return dict(stem=r"^stem", blocks=[
+            (r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)", None), (r"^final_conv", (99999,))])
+
+    def _stem_parts(self) -> Tuple[List[nn.Module], int]:
+        names = [name for name, _ in self.stem.named_children()]
+        return list(self.stem), names.index(self.feature_info[0]["module"].split(".", 1)[1])
+
+    def _stage_list(self) -> List[nn.Module]:
+        return list(self.stages)
+
+    def _last_stage_output(self, x: torch.Tensor, norm: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = self.final_conv(x)  # the last level is tapped after the final conv, before its activation
+        return x, x
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        return self.final_act(x)
+
+    def _prune_to(self, deepest: int, prune_norm: bool, prune_end: bool) -> None:
+        _, stem_tap = self._stem_parts()
+        self.stages = self.stages[:deepest]
+        if deepest == 0:
+            self.stem = self.stem[:stem_tap + 1]  # deep stems are tapped before their last conv
+        if prune_end:
+            self.final_conv, self.final_act = nn.Identity(), nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

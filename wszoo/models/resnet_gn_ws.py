@@ -8,7 +8,7 @@ names are exactly torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1``, ``downs
 key remapping.
 """
 from functools import partial
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -16,7 +16,14 @@ from timm.layers import DropPath, SelectAdaptivePool2d
 
 from ..layers import WSConv2d
 from ..registry import register_model
-from .helpers import checkpoint_blocks, init_classifier_, init_conv_and_norm, stage_strides_and_dilations
+from .helpers import (
+    IntermediatesApi,
+    check_global_pool,
+    checkpoint_blocks,
+    init_classifier_,
+    init_conv_and_norm,
+    stage_strides_and_dilations,
+)
 
 __all__ = ["GNWSResNet", "Bottleneck"]
 
@@ -62,7 +69,7 @@ class Bottleneck(nn.Module):
         return self.relu(self.drop_path(x) + shortcut)
 
 
-class GNWSResNet(nn.Module):
+class GNWSResNet(IntermediatesApi, nn.Module):
     """ResNet/ResNeXt with GroupNorm + Weight Standardization, in torchvision's module layout.
 
     Args:
@@ -70,7 +77,8 @@ class GNWSResNet(nn.Module):
         num_classes: classifier outputs; 0 gives no classifier (``forward`` returns pooled features).
         in_chans: input image channels.
         groups, width_per_group: ResNeXt cardinality and per-group width (1, 64 for plain ResNet).
-        global_pool: ``'avg'``, ``'max'``, ``'avgmax'``, ``'catavgmax'`` or ``''`` (no pooling).
+        global_pool: ``'avg'``, ``'max'``, ``'avgmax'``, ``'catavgmax'`` or ``''`` (no pooling: the unpooled
+            ``(N, C, H, W)`` map, with ``num_classes=0``).
         output_stride: 32, or 16/8 to dilate the last stages (dense prediction).
         gn_groups: GroupNorm groups (32 in the paper).
         ws_style, ws_eps: the standardization formula (:func:`wszoo.layers.standardize_weight`);
@@ -81,6 +89,7 @@ class GNWSResNet(nn.Module):
 
     # features_only: the stages are top-level modules in torchvision's layout ('layer1'); keep them as they are
     feature_wrap_cfg = {"flatten_sequential": False}
+    __jit_unused_properties__ = ["global_pool_type"]
 
     def __init__(
         self,
@@ -101,6 +110,7 @@ class GNWSResNet(nn.Module):
         super().__init__()
         if len(layers) != 4:
             raise ValueError(f"layers must give 4 stage depths, got {tuple(layers)}")
+        check_global_pool(global_pool, num_classes)  # before anything is built
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -141,13 +151,19 @@ class GNWSResNet(nn.Module):
             self.feature_info.append(dict(num_chs=inplanes, reduction=reduction, module=name))
 
         self.num_features = self.head_hidden_size = inplanes
-        self.avgpool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.avgpool = self._make_pool(global_pool, num_classes)
         self.fc = self._make_fc(num_classes)
         init_conv_and_norm(self)
         if zero_init_last:
             for m in self.modules():
                 if isinstance(m, Bottleneck):
                     nn.init.zeros_(m.bn3.weight)
+
+    @staticmethod
+    def _make_pool(global_pool: str, num_classes: int) -> nn.Module:
+        """timm's pooling: ``''`` keeps the (N, C, H, W) map, which only a model without classifier can return."""
+        check_global_pool(global_pool, num_classes)
+        return SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
 
     def _make_fc(self, num_classes: int) -> nn.Module:
         if num_classes <= 0:
@@ -170,12 +186,29 @@ class GNWSResNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace the classifier (new random ``fc``, 0 for none), optionally with another pooling."""
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.avgpool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        pool = self._make_pool(self.global_pool_type if global_pool is None else global_pool, num_classes)
+        self.num_classes, self.avgpool = num_classes, pool
         device = next(self.parameters()).device
         self.fc = self._make_fc(num_classes).to(device)
         init_classifier_(self.fc)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups for layer-wise learning rates (timm's ``param_groups_layer_decay``): the stem,
+        then each stage (``coarse``) or each block."""
+        return dict(stem=r"^conv1|bn1|maxpool", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
+
+    def _stem_parts(self) -> Tuple[List[nn.Module], int]:
+        return [self.conv1, self.bn1, self.relu, self.maxpool], 2
+
+    def _stage_list(self) -> List[nn.Module]:
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def _prune_to(self, deepest: int, prune_norm: bool, prune_end: bool) -> None:
+        for i in range(deepest + 1, 5):
+            setattr(self, f"layer{i}", nn.Sequential())  # empty: torchvision's names stay, nothing runs
+        if deepest == 0:
+            self.maxpool = nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -11,15 +11,21 @@ same network can be compared with BatchNorm, GroupNorm, GroupNorm + WS and Batch
 * ``resnet_mini_bn``: BatchNorm, plain convs.
 """
 from functools import partial
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead
 
 from ..layers import BatchChannelNorm2d, WSConv2d
 from ..registry import register_model
-from .helpers import ClassifierHeadApi, checkpoint_blocks, init_conv_and_norm
+from .helpers import (
+    ClassifierHeadApi,
+    IntermediatesApi,
+    check_global_pool,
+    checkpoint_blocks,
+    init_conv_and_norm,
+    make_classifier_head,
+)
 
 __all__ = ["MiniResNet", "make_norm"]
 
@@ -56,7 +62,7 @@ class BasicBlock(nn.Module):
         return self.relu(self.bn2(self.conv2(out)) + shortcut)
 
 
-class MiniResNet(ClassifierHeadApi, nn.Module):
+class MiniResNet(IntermediatesApi, ClassifierHeadApi, nn.Module):
     """Small CIFAR-style ResNet with a selectable normalizer and optional weight standardization."""
 
     # features_only: the stage taps ('stages.0') sit inside a Sequential, which must be flattened
@@ -82,6 +88,7 @@ class MiniResNet(ClassifierHeadApi, nn.Module):
             raise ValueError(f"widths {tuple(widths)} and depths {tuple(depths)} must have the same length")
         if drop_path_rate:
             raise ValueError("MiniResNet has no stochastic depth; use drop_rate")
+        check_global_pool(global_pool, num_classes)  # before anything is built
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
         self.grad_checkpointing = False
         conv = partial(WSConv2d, bias=False, style=ws_style, eps=ws_eps) if ws else partial(nn.Conv2d, bias=False)
@@ -102,12 +109,26 @@ class MiniResNet(ClassifierHeadApi, nn.Module):
             self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = prev
-        self.head = ClassifierHead(prev, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.head = make_classifier_head(prev, num_classes, global_pool, drop_rate)
         init_conv_and_norm(self)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups for layer-wise learning rates: the stem, then each stage or block."""
+        return dict(stem=r"^conv1|bn1", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
+
+    def _stem_parts(self) -> Tuple[List[nn.Module], int]:
+        return [self.conv1, self.bn1, self.relu], 2
+
+    def _stage_list(self) -> List[nn.Module]:
+        return list(self.stages)
+
+    def _prune_to(self, deepest: int, prune_norm: bool, prune_end: bool) -> None:
+        self.stages = self.stages[:deepest]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

@@ -8,15 +8,22 @@ those of timm's ``resnetv2_*_bit`` models, so the ``timm/`` Hub checkpoints load
 """
 from collections import OrderedDict
 from functools import partial
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, DropPath
+from timm.layers import DropPath
 
 from ..layers import GroupNormAct, WSConv2d
 from ..registry import register_model
-from .helpers import ClassifierHeadApi, checkpoint_blocks, init_conv_and_norm, stage_strides_and_dilations
+from .helpers import (
+    ClassifierHeadApi,
+    IntermediatesApi,
+    checkpoint_blocks,
+    init_conv_and_norm,
+    make_classifier_head,
+    stage_strides_and_dilations,
+)
 
 __all__ = ["ResNetV2", "PreActBottleneck"]
 
@@ -89,7 +96,7 @@ class ResNetStage(nn.Module):
         return self.blocks(x)
 
 
-class ResNetV2(ClassifierHeadApi, nn.Module):
+class ResNetV2(IntermediatesApi, ClassifierHeadApi, nn.Module):
     """BiT ResNet-v2 (pre-activation, GN+WS).
 
     Args:
@@ -155,7 +162,7 @@ class ResNetV2(ClassifierHeadApi, nn.Module):
 
         self.num_features = self.head_hidden_size = prev_chs
         self.norm = norm_layer(prev_chs)
-        self.head = ClassifierHead(prev_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate, use_conv=True)
+        self.head = make_classifier_head(prev_chs, num_classes, global_pool, drop_rate, use_conv=True)
         init_conv_and_norm(self)
 
     # --- timm model API -------------------------------------------------------------------------
@@ -163,6 +170,31 @@ class ResNetV2(ClassifierHeadApi, nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
             stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups for layer-wise learning rates: the stem, each stage or block, the final norm last."""
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    def _stem_parts(self) -> Tuple[List[nn.Module], int]:
+        return list(self.stem), 0  # the stem feature is the conv's output, before the padded max pool
+
+    def _stage_list(self) -> List[nn.Module]:
+        return list(self.stages)
+
+    def _last_stage_output(self, x: torch.Tensor, norm: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        return x, (self.norm(x) if norm else x)
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+    def _prune_to(self, deepest: int, prune_norm: bool, prune_end: bool) -> None:
+        self.stages = self.stages[:deepest]
+        if deepest == 0:
+            self.stem = self.stem[:1]
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()  # sized for (and applied to) the last stage only
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.stages(self.stem(x)))

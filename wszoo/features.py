@@ -1,0 +1,72 @@
+"""``features_only=True``: a model wrapped as a feature extractor, by timm's feature classes.
+
+``feature_cls`` picks the wrapper, as timm's builder does: ``'list'`` (default, timm's ``FeatureListNet``),
+``'dict'`` (``FeatureDictNet``), ``'hook'`` (``FeatureHookNet``, forward hooks on the tapped modules),
+``'fx'`` (``FeatureGraphNet``, an FX graph cut at the taps; scriptable) or ``'getter'``
+(:class:`FeatureGetter`, the model's own ``forward_intermediates``, pruned to the deepest level asked for).
+Each family says how its modules must be walked (``feature_wrap_cfg``, e.g. flattening Sequential stages).
+"""
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from timm.models import FeatureDictNet, FeatureGraphNet, FeatureHookNet, FeatureInfo, FeatureListNet
+
+__all__ = ["FEATURE_CLASSES", "FeatureGetter", "wrap_features"]
+
+
+class FeatureGetter(nn.Module):
+    """Feature maps from ``model.forward_intermediates`` (timm's 'getter' extraction): the model is pruned
+    past the deepest level asked for, then each call returns the list of maps."""
+
+    def __init__(self, model: nn.Module, out_indices: Sequence[int], norm: bool = False, prune: bool = True,
+                 output_fmt: str = "NCHW") -> None:
+        super().__init__()
+        indices = list(out_indices)
+        if prune:
+            indices = model.prune_intermediate_layers(indices, prune_norm=not norm)
+        self.model = model
+        self.feature_info = FeatureInfo(model.feature_info, indices)
+        self.out_indices, self.norm, self.output_fmt = indices, norm, output_fmt
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return self.model.forward_intermediates(x, indices=self.out_indices, norm=self.norm, stop_early=True,
+                                                output_fmt=self.output_fmt, intermediates_only=True)
+
+
+#: ``feature_cls`` names, as timm's builder takes them.
+FEATURE_CLASSES = {"list": FeatureListNet, "dict": FeatureDictNet, "hook": FeatureHookNet, "fx": FeatureGraphNet,
+                   "getter": FeatureGetter}
+# only these walk the model's modules, so only they take the family's flattening fact
+_WALKING = (FeatureDictNet, FeatureHookNet)
+
+
+def wrap_features(model: nn.Module, out_indices: Optional[Sequence[int]] = None,
+                  feature_cls: Union[str, type, None] = None, feature_cfg: Optional[Dict[str, Any]] = None
+                  ) -> nn.Module:
+    """``model`` as a feature extractor over the levels ``out_indices`` of its ``feature_info`` (default all).
+
+    ``feature_cfg`` holds more arguments for the wrapper (timm's name), and may name ``feature_cls`` and
+    ``out_indices`` itself."""
+    cfg = dict(feature_cfg or {})
+    feature_cls = feature_cls or cfg.pop("feature_cls", "list")
+    if out_indices is None:
+        out_indices = cfg.pop("out_indices", None)
+    cfg.pop("out_indices", None)
+    if isinstance(feature_cls, str):
+        if feature_cls.lower() not in FEATURE_CLASSES:
+            raise ValueError(f"unknown feature_cls {feature_cls!r}; choose one of {', '.join(FEATURE_CLASSES)}")
+        feature_cls = FEATURE_CLASSES[feature_cls.lower()]
+    levels = len(model.feature_info)
+    indices = tuple(out_indices) if out_indices is not None else tuple(range(levels))
+    bad = [i for i in indices if not -levels <= i < levels]
+    if bad:
+        raise ValueError(f"out_indices {bad} out of range: {model.pretrained_cfg['architecture']} has {levels} "
+                         "feature levels")
+    if isinstance(feature_cls, type) and issubclass(feature_cls, _WALKING):
+        cfg = {**getattr(model, "feature_wrap_cfg", {}), **cfg}
+    pretrained_cfg, model_args = model.pretrained_cfg, model.model_args
+    features = feature_cls(model, out_indices=indices, **cfg)
+    features.pretrained_cfg = features.default_cfg = pretrained_cfg
+    features.model_args = model_args
+    return features
