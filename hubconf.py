@@ -48,7 +48,8 @@ def _pipeline_entry(name: str, kind: str, num_classes: int, summary: str):
     entry.__doc__ = (
         f"{summary}\n\n"
         f"Args:\n"
-        f"    pretrained: load the backbone's published weights (no {kind} weights are published).\n"
+        f"    pretrained: start as the GN+WS recipe does: the backbone's published weights, stem and first stage\n"
+        f"        frozen (no {kind} weights are published). False (the default, as torch.hub's): random weights.\n"
         f"    backbone: any registered wszoo model name.\n"
         f"    num_classes: output classes (default {num_classes}"
         + (", including background" if kind in ("fasterrcnn", "maskrcnn") else "") + ").\n"

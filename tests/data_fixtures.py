@@ -40,3 +40,48 @@ def make_image_folder(root: Path, classes=("a", "b", "c"), per_class: int = 4, s
                 img = np.clip(np.array(colours[c % 4]) + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(base / name / f"{i}.png")
     return root
+
+
+def make_coco_shapes(root: Path, n_images: int = 32, size: int = 64, seed: int = 0) -> tuple:
+    """A COCO-format detection set: ``root/images/*.png`` and ``root/instances.json``. Each image is noise with
+    one or two bright objects: squares (category 1, 'square') and plus signs (category 7, 'plus': category ids
+    need not be contiguous), each with a box and a polygon mask. Returns (images folder, annotation file)."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    images_dir = root / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i in range(n_images):
+        pixels = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+        taken = []
+        for _ in range(1 + i % 2):
+            side = int(rng.integers(size // 4, size // 2))
+            for _attempt in range(20):
+                x0, y0 = (int(v) for v in rng.integers(0, size - side, 2))
+                if all(x0 + side <= a or a + s <= x0 or y0 + side <= b or b + s <= y0 for a, b, s in taken):
+                    break
+            taken.append((x0, y0, side))
+            square = rng.random() < 0.5
+            colour = (230, 80, 80) if square else (80, 230, 80)
+            if square:
+                pixels[y0:y0 + side, x0:x0 + side] = colour
+                polygon = [x0, y0, x0 + side, y0, x0 + side, y0 + side, x0, y0 + side]
+                area = side * side
+            else:  # a plus sign filling the box's middle thirds
+                t = side // 3
+                pixels[y0 + t:y0 + 2 * t, x0:x0 + side] = colour
+                pixels[y0:y0 + side, x0 + t:x0 + 2 * t] = colour
+                polygon = [x0 + t, y0, x0 + 2 * t, y0, x0 + 2 * t, y0 + t, x0 + side, y0 + t, x0 + side, y0 + 2 * t,
+                           x0 + 2 * t, y0 + 2 * t, x0 + 2 * t, y0 + side, x0 + t, y0 + side, x0 + t, y0 + 2 * t,
+                           x0, y0 + 2 * t, x0, y0 + t, x0 + t, y0 + t]
+                area = 2 * side * t - t * t
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": 1 if square else 7,
+                                "bbox": [x0, y0, side, side], "area": area, "iscrowd": 0,
+                                "segmentation": [[float(v) for v in polygon]]})
+        Image.fromarray(pixels).save(images_dir / f"{i:04d}.png")
+        images.append({"id": i + 1, "file_name": f"{i:04d}.png", "width": size, "height": size})
+    ann_file = root / "instances.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": [
+        {"id": 1, "name": "square"}, {"id": 7, "name": "plus"}]}))
+    return images_dir, ann_file

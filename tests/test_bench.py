@@ -12,7 +12,8 @@ def test_report_has_every_ratio_positive_and_finite():
     result = benchmark_model("nf_resnet26", **TINY)
     expected = {"eval_b1_ws_vs_folded", "eval_b2_ws_vs_folded", "eval_b1_timm_vs_folded", "eval_b2_timm_vs_folded",
                 "train_b2_ws_vs_plain", "train_b2_channels_last_ws_vs_plain",
-                "train_b2_ws_channels_last_vs_contiguous", "accum2x1_ws_vs_plain", "accum2x1_ws_accumulate_vs_plain"}
+                "train_b2_ws_channels_last_vs_contiguous", "accum2x1_ws_vs_plain", "accum2x1_ws_accumulate_vs_plain",
+                "eval_b1_ort_vs_folded", "eval_b2_ort_vs_folded"}  # ONNX Runtime: in the test extra
     assert set(result["ratios"]) == expected
     assert all(math.isfinite(v) and v > 0 for v in result["ratios"].values())
     memory = result["memory"]

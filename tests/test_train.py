@@ -172,7 +172,7 @@ def test_an_existing_run_is_refused_resumed_or_replaced(eight_images, tmp_path):
     before = tree_snapshot(out)
     code, _, err = run_cli(_tiny_run_args(eight_images, out, "--epochs", "2"))
     assert code == 2 and len(err.splitlines()) == 1
-    assert f"--output {out} already holds a fine-tuning run (epochs 0..1 of resnet_mini_gn_ws)" in err
+    assert f"--output {out} already holds a training run (epochs 0..1 of resnet_mini_gn_ws)" in err
     assert f"pass --resume {out}" in err and "--overwrite" in err
     assert tree_snapshot(out) == before, "a refused run must not touch the directory"
 

@@ -5,8 +5,8 @@ variant's time being its best of the repeats (other tenants of a shared machine 
 the medians are in the JSON too), so drift moves numerator and denominator together:
 
 - eval latency at batch 1 and batch N: the WS model (eval-mode cached weights), its :func:`fold_ws`
-  copy, and timm's model of the same name when timm has one (timm recomputes the standardization on
-  every call);
+  copy, timm's model of the same name when timm has one (timm recomputes the standardization on
+  every call), and the verified ONNX export in ONNX Runtime (CPU provider, torch's thread count);
 - a training step (forward, backward, SGD step) at batch B: the WS model against its plain-conv copy
   (the folded copy, trained as plain convs), contiguous and channels-last;
 - one optimizer step over K micro-batches of one image: plain convs, WS, WS inside
@@ -20,6 +20,7 @@ import copy
 import json
 import platform
 import statistics
+import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -32,8 +33,8 @@ from .factory import create_model
 from .files import atomic_write_text
 from .speed import accumulate_ws, fold_ws, tune_cpu_allocator, ws_layers
 
-__all__ = ["benchmark_model", "run_benchmarks", "format_report", "write_report", "time_interleaved", "train_step_fn",
-           "DEFAULT_MODELS"]
+__all__ = ["benchmark_model", "benchmark_detector", "run_benchmarks", "format_report", "write_report",
+           "time_interleaved", "train_step_fn", "DEFAULT_MODELS"]
 
 #: The models the speed issue's targets are stated for.
 DEFAULT_MODELS = ("resnetv2_50x1_bit", "nf_resnet50", "resnet50_gn_ws")
@@ -116,10 +117,27 @@ def _ratio(a: float, b: float) -> float:
     return round(a / b, 3)
 
 
+def _ort_session(model: nn.Module, size: int, tmp_dir: str):
+    """An ONNX Runtime session (CPU provider, as many intra-op threads as torch uses) of ``model``'s verified
+    export (dynamic batch), or None when onnxruntime is not installed."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    from .deploy import export
+
+    path = f"{tmp_dir}/model.onnx"
+    export(model, path, img_size=[size], dynamic_batch=True, force=True)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
 def _bench_eval(model: nn.Module, plain: nn.Module, name: str, size: int, eval_batch: int, repeats: int,
                 eval_repeats: int, warmup: int, compare_timm: bool, dev: torch.device,
                 ratios: Dict[str, float]) -> Dict[str, Any]:
-    """Eval latency at batch 1 and ``eval_batch``: cached WS vs folded vs timm's model of the same name."""
+    """Eval latency at batch 1 and ``eval_batch``: cached WS vs folded vs timm's model of the same name, and
+    (on CPU, with onnxruntime installed) the exported ONNX model in ONNX Runtime."""
     timm_model = None
     if compare_timm:
         import timm
@@ -128,12 +146,18 @@ def _bench_eval(model: nn.Module, plain: nn.Module, name: str, size: int, eval_b
             timm_model = timm.create_model(name, pretrained=False).to(dev).eval()
     model.eval()
     plain.eval()
-    result = {}
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        session = _ort_session(model, size, tmp_dir) if dev.type == "cpu" else None
+    result: Dict[str, Any] = {"onnxruntime": "measured" if session is not None else "not measured (CPU and "
+                              "onnxruntime only: pip install 'wszoo[export]')"}
     for batch in sorted({1, eval_batch}):
         x = torch.randn(batch, model.in_chans, size, size, device=dev)
         fns = {"ws": lambda x=x: model(x), "folded": lambda x=x: plain(x)}
         if timm_model is not None:
             fns["timm"] = lambda x=x: timm_model(x)
+        if session is not None:
+            feed = {session.get_inputs()[0].name: x.numpy()}
+            fns["ort"] = lambda feed=feed: session.run(None, feed)
         med: Dict[str, float] = {}
         with torch.inference_mode():
             t = time_interleaved(fns, eval_repeats if batch == 1 else max(repeats, 5), warmup, dev, med)
@@ -141,6 +165,8 @@ def _bench_eval(model: nn.Module, plain: nn.Module, name: str, size: int, eval_b
         entry["ws_vs_folded"] = ratios[f"eval_b{batch}_ws_vs_folded"] = _ratio(t["ws"], t["folded"])
         if "timm" in t:
             entry["timm_vs_folded"] = ratios[f"eval_b{batch}_timm_vs_folded"] = _ratio(t["timm"], t["folded"])
+        if "ort" in t:
+            entry["ort_vs_folded"] = ratios[f"eval_b{batch}_ort_vs_folded"] = _ratio(t["ort"], t["folded"])
         result[f"batch{batch}"] = entry
     return result
 
@@ -271,23 +297,98 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
+def _detection_batch(batch: int, size: int, masks: bool, dev: torch.device) -> Tuple[list, list]:
+    """``batch`` images with three boxes (and masks) each: a fixed training input for the detector step."""
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, size, size, generator=gen).to(dev) for _ in range(batch)]
+    targets = []
+    for _ in range(batch):
+        boxes = torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.4, 0.3, 0.9, 0.8], [0.2, 0.6, 0.6, 0.95]]) * size
+        target = {"boxes": boxes.to(dev), "labels": torch.tensor([1, 2, 3], device=dev)}
+        if masks:
+            grid = torch.zeros(3, size, size, dtype=torch.uint8)
+            for k, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
+                grid[k, y0:y1, x0:x1] = 1
+            target["masks"] = grid.to(dev)
+        targets.append(target)
+    return images, targets
+
+
+def benchmark_detector(kind: str = "maskrcnn", backbone: str = "resnet50_gn_ws", img_size: int = 320,
+                       batch: int = 2, rois: Sequence[int] = (512, 32), repeats: int = 3, warmup: int = 1,
+                       device: str = "cpu") -> Dict[str, Any]:
+    """A detector's training step (SGD, batch ``batch`` at ``img_size``): the GN+WS detector against the same
+    detector folded (plain convs: what WS itself costs) and torchvision's ResNet-50 FPN detector of the kind,
+    at each box-head sample count in ``rois`` (the 4conv1fc GN+WS box head's cost grows with it)."""
+    from torchvision.models import detection as tv
+
+    from .detection import build_detector
+
+    dev = torch.device(device)
+    images, targets = _detection_batch(batch, img_size, kind == "maskrcnn", dev)
+    result: Dict[str, Any] = {"detector": kind, "backbone": backbone, "img_size": img_size, "batch": batch}
+    ratios: Dict[str, float] = {}
+    for n in rois:
+        size = dict(min_size=img_size, max_size=img_size)
+        per_rois = {} if kind == "retinanet" else {"box_batch_size_per_image": n}
+        torch.manual_seed(0)
+        ws = build_detector(kind, backbone, 91, pretrained_backbone=False, **size, **per_rois).to(dev)
+        folded = fold_ws(ws)
+        reference = getattr(tv, f"{kind}_resnet50_fpn")(weights=None, weights_backbone=None, num_classes=91, **size,
+                                                          **per_rois).to(dev)
+        fns = {}
+        for name, model in (("ws", ws), ("folded", folded), ("torchvision", reference)):
+            model.train()
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+
+            def step(model=model, opt=opt) -> None:
+                opt.zero_grad(set_to_none=True)
+                sum(model(images, targets).values()).backward()
+                opt.step()
+            fns[name] = step
+        med: Dict[str, float] = {}
+        t = time_interleaved(fns, repeats, warmup, dev, med)
+        entry = _entry(t, med)
+        entry["ws_vs_torchvision"] = ratios[f"{kind}_rois{n}_ws_vs_torchvision"] = _ratio(t["ws"], t["torchvision"])
+        entry["ws_vs_folded"] = ratios[f"{kind}_rois{n}_ws_vs_folded"] = _ratio(t["ws"], t["folded"])
+        entry["saved_for_backward_mb"] = {k: round(_saved_bytes(fns[k]) / 2**20, 1) for k in ("ws", "torchvision")}
+        result[f"rois{n}"] = entry
+        if kind == "retinanet":
+            break
+    result["ratios"] = ratios
+    result["model"] = f"{kind} ({backbone})"
+    return result
+
+
+def _machine(device: str, tuned: bool) -> Dict[str, Any]:
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device,
+               "allocator_tuned": tuned}
+    if device.startswith("cuda"):
+        machine["gpu"] = torch.cuda.get_device_name()
+    return machine
+
+
 def run_benchmarks(models: Sequence[str] = DEFAULT_MODELS, tune_allocator: bool = True, threads: Optional[int] = None,
-                   **kwargs: Any) -> Dict[str, Any]:
-    """Benchmark each of ``models`` (kwargs as :func:`benchmark_model`) and describe the machine."""
-    for name in models:
-        registry.get_pretrained_cfg(name.split(".")[0])  # fail fast on an unknown name, before any timing
-    check_device(kwargs.get("device", "cpu"))
+                   detector: Optional[str] = None, backbone: str = "resnet50_gn_ws", **kwargs: Any) -> Dict[str, Any]:
+    """Benchmark each of ``models`` (kwargs as :func:`benchmark_model`), or with ``detector`` that detector's
+    training step (:func:`benchmark_detector`), and describe the machine."""
+    if detector is None:
+        for name in models:
+            registry.get_pretrained_cfg(name.split(".")[0])  # fail fast on an unknown name, before any timing
+    else:
+        registry.get_pretrained_cfg(backbone)
+    device = str(kwargs.get("device", "cpu"))
+    check_device(device)
     if threads:
         torch.set_num_threads(threads)
     tuned = tune_cpu_allocator() if tune_allocator else False
-    report: Dict[str, Any] = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "device": kwargs.get("device", "cpu"), "allocator_tuned": tuned},
-        "results": [],
-    }
-    if str(kwargs.get("device", "cpu")).startswith("cuda"):
-        report["machine"]["gpu"] = torch.cuda.get_device_name()
+    report: Dict[str, Any] = {"machine": _machine(device, tuned), "results": []}
+    if detector is not None:
+        report["results"].append(benchmark_detector(
+            detector, backbone, img_size=kwargs.get("img_size") or 320, batch=kwargs.get("train_batch", 2),
+            repeats=kwargs.get("repeats", 3), warmup=kwargs.get("warmup", 1), device=device))
+        return report
     for name in models:
         report["results"].append(benchmark_model(name, **kwargs))
     return report

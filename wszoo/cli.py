@@ -1,8 +1,9 @@
 """The ``wszoo`` command line (also ``python -m wszoo``).
 
 Subcommands: ``list`` (the registry), ``info`` (one model: parameters, preprocessing, features, and an
-optional timed forward pass), ``eval`` and ``finetune``, ``convert`` (original checkpoints to safetensors), ``card``
-(MODEL_CARD.md from configs/), ``demo`` (what ``make demo`` runs).
+optional timed forward pass), ``eval`` and ``finetune``, ``convert`` (original checkpoints to safetensors),
+``export`` (ONNX / ExportedProgram / TorchScript, verified), ``bench``, ``study``, ``card`` (MODEL_CARD.md
+from configs/), ``demo``.
 """
 import argparse
 import json
@@ -201,6 +202,55 @@ def _cmd_card(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_for_export(args: argparse.Namespace) -> torch.nn.Module:
+    """A registry model (any name create_model takes), or one of the dense-prediction builders on --backbone."""
+    from .detection import DETECTORS, build_detector, build_segmenter
+
+    if args.model in DETECTORS or args.model == "deeplabv3":
+        if args.checkpoint:
+            raise ValueError(f"--checkpoint loads classifiers; {args.model} is built on --backbone "
+                             "(--pretrained loads the backbone's published weights)")
+        sizes = dict(min_size=min(args.img_size), max_size=max(args.img_size)) if args.img_size else {}
+        if args.model == "deeplabv3":
+            return build_segmenter("deeplabv3", args.backbone, args.num_classes or 21, output_stride=16,
+                                   pretrained_backbone=args.pretrained)
+        return build_detector(args.model, args.backbone, args.num_classes or 91,
+                              pretrained_backbone=args.pretrained, **sizes)
+    return create_model(args.model, pretrained=args.pretrained, checkpoint_path=_checkpoint_file(args.checkpoint),
+                        num_classes=args.num_classes, in_chans=args.in_chans)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .deploy import export
+
+    model = _model_for_export(args)
+    report = export(model, args.output, format=args.format, img_size=args.img_size, batch_size=args.batch_size,
+                    dynamic_batch=args.dynamic_batch, dynamic_size=args.dynamic_size, opset=args.opset,
+                    dtype=args.dtype, tolerance=args.tolerance, force=args.force)
+    dynamic = [d for d, on in (("batch", args.dynamic_batch), ("height/width", args.dynamic_size)) if on]
+    print(f"exported {args.model} to {report.path} ({report.format}"
+          + (f" opset {report.opset}" if report.opset else "") + f", {report.dtype}, input "
+          f"{report.inputs[0]['shape']}" + (f", dynamic {' and '.join(dynamic)}" if dynamic else "") + ")")
+    print(f"verified: largest relative difference to PyTorch {report.max_rel_diff:.2g} (tolerance "
+          f"{report.tolerance:g}; " + ", ".join(f"{k} {v:.2g}" for k, v in report.checks.items()) + ")")
+    print(f"metadata: {report.metadata_path}")
+    return 0
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    import logging
+
+    from .detection.engine import detect_eval, detect_train, format_ap
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.action == "train":
+        metrics = detect_train(args)
+        print(json.dumps(metrics))
+    else:
+        print(format_ap(detect_eval(args)))
+    return 0
+
+
 def _checkpoint_file(path: Optional[str]) -> Optional[str]:
     """A save_pretrained directory stands for its model.safetensors."""
     if path and Path(path).is_dir():
@@ -314,7 +364,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         args.models, tune_allocator=not args.no_tune_allocator, threads=args.threads, img_size=args.img_size,
         eval_batch=args.eval_batch, train_batch=args.train_batch, accum_steps=args.accum_steps,
         repeats=args.repeats, eval_repeats=args.eval_repeats, warmup=args.warmup, compare_timm=not args.no_timm,
-        channels_last=not args.no_channels_last, device=args.device,
+        channels_last=not args.no_channels_last, device=args.device, detector=args.detector, backbone=args.backbone,
     )
     print(format_report(report))
     if args.output:
@@ -430,6 +480,10 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--no-timm", action="store_true", help="skip timm's models")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--no-tune-allocator", action="store_true", help="leave glibc's malloc thresholds at their defaults")
+    p.add_argument("--detector", choices=["fasterrcnn", "maskrcnn", "retinanet"], default=None,
+                   help="time this detector's training step instead (GN+WS vs folded vs torchvision's, at 512 and "
+                        "32 box-head samples per image; --img-size default 320, --train-batch 2 recommended)")
+    p.add_argument("--backbone", default="resnet50_gn_ws", help="the --detector's backbone")
     p.add_argument("-o", "--output", default=None, help="write the full results as JSON here")
     p.set_defaults(func=_cmd_bench)
 
@@ -449,6 +503,70 @@ def _add_convert_parser(sub) -> None:
                    help="standardization formula of the built model (deepmind + --std-conv-eps 1e-4 = Haiku's)")
     _ranged(p, "--std-conv-eps", type=float, default=None, low=0, low_open=True)
     p.set_defaults(func=_cmd_convert)
+
+
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="fold WS, export to ONNX / ExportedProgram / TorchScript, verify the artifact")
+    p.add_argument("model", help="arch, arch.tag, hf-hub:..., local-dir:..., or fasterrcnn / maskrcnn / retinanet / "
+                                 "deeplabv3 (built on --backbone)")
+    p.add_argument("-o", "--output", required=True, help="out.onnx, out.pt2 or out.pt (the suffix gives the format)")
+    p.add_argument("--format", choices=["onnx", "exported-program", "torchscript"], default=None)
+    p.add_argument("--pretrained", action="store_true", help="load the published weights (a builder's backbone's)")
+    p.add_argument("--checkpoint", default=None, help="a .safetensors file or a save_pretrained directory")
+    p.add_argument("--backbone", default="resnet50_gn_ws", help="the builders' backbone (default resnet50_gn_ws)")
+    _count_arg(p, "--num-classes", least=0, default=None)
+    _count_arg(p, "--in-chans", default=None)
+    _count_arg(p, "--img-size", nargs="+", default=None, help="H [W] of the example (default: the cfg's input size)")
+    _count_arg(p, "-b", "--batch-size", default=1)
+    p.add_argument("--dynamic-batch", action="store_true", help="any batch size (verified at 1 and 3)")
+    p.add_argument("--dynamic-size", action="store_true", help="any image size, where the model allows it")
+    _count_arg(p, "--opset", least=7, default=None, help="ONNX opset (default 21; 17 for detectors)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    _ranged(p, "--tolerance", type=float, default=None, low=0, low_open=True,
+            help="largest relative difference to PyTorch accepted (default 1e-4 fp32, 1e-2 fp16, 5e-2 bf16)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.set_defaults(func=_cmd_export)
+
+
+def _add_detect_parser(sub) -> None:
+    p = sub.add_parser("detect", help="train / evaluate a GN+WS detector on COCO-format data (COCO AP by pycocotools)")
+    actions = p.add_subparsers(dest="action", required=True)
+    t = actions.add_parser("train", help="train a detector (the GN+WS recipe's defaults)")
+    t.add_argument("--kind", choices=["fasterrcnn", "maskrcnn", "retinanet"], default="fasterrcnn")
+    t.add_argument("--backbone", default="resnet50_gn_ws")
+    t.add_argument("--train-images", required=True, help="the training images' folder")
+    t.add_argument("--train-annotations", required=True, help="their COCO instances json")
+    t.add_argument("--val-images", default=None, help="default: --train-images")
+    t.add_argument("--val-annotations", default=None, help="a COCO instances json: box (and mask) AP every epoch")
+    pretrained = t.add_mutually_exclusive_group()
+    pretrained.add_argument("--pretrained-backbone", dest="pretrained_backbone", action="store_true", default=None,
+                            help="start from the backbone's published weights (the default when it has some)")
+    pretrained.add_argument("--no-pretrained-backbone", dest="pretrained_backbone", action="store_false")
+    _count_arg(t, "--frozen-stages", least=-1, default=None, help="default: 1 with published weights, else -1")
+    _count_arg(t, "--epochs", default=12)
+    _count_arg(t, "-b", "--batch-size", default=2, help="images per micro-batch per process")
+    _count_arg(t, "--accum-steps", default=1, help="micro-batches per optimizer step")
+    _ranged(t, "--lr", type=float, default=0.02, low=0, low_open=True)
+    _ranged(t, "--weight-decay", type=float, default=1e-4, low=0)
+    _count_arg(t, "--warmup-iters", least=0, default=100, help="optimizer steps of linear warmup")
+    t.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"])
+    _count_arg(t, "--min-size", default=None, help="the detector's resize (torchvision's default 800)")
+    _count_arg(t, "--max-size", default=None, help="(torchvision's default 1333)")
+    _count_arg(t, "--rois-per-image", default=None,
+               help="R-CNN box head samples per image (torchvision's default 512; the 4conv1fc GN+WS head's cost)")
+    _count_arg(t, "-j", "--workers", least=0, default=0)
+    t.add_argument("--seed", type=int, default=0)
+    _count_arg(t, "--log-interval", least=0, default=20)
+    t.add_argument("--output", required=True, help="directory for last/, best/, metrics.jsonl and the train state")
+    t.add_argument("--resume", default=None, help="a previous --output directory to continue from")
+    t.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
+    t.set_defaults(func=_cmd_detect)
+    e = actions.add_parser("eval", help="COCO AP of a saved detector")
+    e.add_argument("--checkpoint", required=True, help="a detector folder (runs/x/best)")
+    e.add_argument("--images", required=True)
+    e.add_argument("--annotations", required=True)
+    _count_arg(e, "-b", "--batch-size", default=2)
+    e.set_defaults(func=_cmd_detect)
 
 
 def _add_card_parser(sub) -> None:
@@ -482,6 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study_parser(sub)
     _add_bench_parser(sub)
     _add_convert_parser(sub)
+    _add_export_parser(sub)
+    _add_detect_parser(sub)
     _add_card_parser(sub)
     _add_demo_parser(sub)
     return parser
@@ -518,12 +638,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         _report(f"{prefix}: interrupted")
         return 130
     except Exception as e:  # sorted below: our errors and the environment's are one line, the rest re-raised
+        from .detection.engine import DetectionDiverged
         from .train import TrainingDiverged, TrainingInterrupted
 
         if isinstance(e, TrainingInterrupted):
             _report(f"{prefix}: {e}")
             return 130
-        if isinstance(e, TrainingDiverged):
+        if isinstance(e, (TrainingDiverged, DetectionDiverged)):
             _report(f"{prefix}: error: {e}")
             return 1
         if isinstance(e, (ValueError, OSError, NotImplementedError, PretrainedWeightsError)):

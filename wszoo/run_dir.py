@@ -14,9 +14,15 @@ import shutil
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-__all__ = ["RunDirectory", "RUN_ITEMS", "deferred_interrupts"]
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import read_safetensors
+
+__all__ = ["RunDirectory", "RUN_ITEMS", "deferred_interrupts", "check_output", "save_train_state",
+           "load_train_state"]
 
 #: What a run directory holds; nothing else in it is ever touched.
 RUN_ITEMS = ("last", "best", "ema", "train_state.json", "train_state.safetensors", "metrics.jsonl")
@@ -124,3 +130,68 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+
+
+def check_output(output: os.PathLike, resume: Optional[os.PathLike], overwrite: bool) -> RunDirectory:
+    """``--output`` may not silently replace a run: it must be new, the run being resumed, or ``--overwrite``
+    must say so. Its nearest existing folder must be writable (it is made on the first commit)."""
+    out = RunDirectory(output)
+    if out.path.exists() and not out.path.is_dir():
+        raise ValueError(f"--output {out.path} is a file, not a directory")
+    resuming_here = resume is not None and Path(resume).resolve() == out.path.resolve()
+    if out.holds_run() and not resuming_here and not overwrite:
+        state = out.state() or {}
+        done = f" (epochs 0..{state['epoch']} of {state.get('model', '?')})" if "epoch" in state else ""
+        raise ValueError(f"--output {out.path} already holds a training run{done}; pass --resume {out.path} to "
+                         "continue it, or --overwrite to replace it")
+    existing = next(p for p in (out.path, *out.path.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ValueError(f"--output {out.path}: {existing} is not a writable directory")
+    return out
+
+
+def save_train_state(out: Path, optimizer: torch.optim.Optimizer, scheduler: Any, meta: Dict[str, Any],
+                     tensors: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """``train_state.safetensors`` (the optimizer's tensors, and ``tensors`` such as EMA weights) and
+    ``train_state.json`` (``meta``, the optimizer's other state and the scheduler's): resuming never
+    unpickles anything."""
+    sd = optimizer.state_dict()
+    saved = {k: v.detach().contiguous().cpu() for k, v in (tensors or {}).items()}
+    state: Dict[str, Dict[str, Any]] = {}
+    for pid, entry in sd["state"].items():
+        state[str(pid)] = {}
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                saved[f"optimizer.{pid}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                state[str(pid)][key] = value
+    save_file(saved, str(out / "train_state.safetensors"))
+    full = {**meta, "param_groups": sd["param_groups"], "state": state, "scheduler": scheduler.state_dict()}
+    (out / "train_state.json").write_text(json.dumps(full, indent=1, default=float))
+
+
+def load_train_state(src: Path, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     check: Optional[Callable[[Dict[str, Any]], None]] = None
+                     ) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """Restore the optimizer and scheduler from ``src`` (after ``check(meta)`` refused nothing); returns the
+    run's meta and its other saved tensors (EMA weights ...). Errors name the file and what is wrong."""
+    meta = RunDirectory(src).state()
+    if meta is None:
+        raise ValueError(f"--resume {src}: no train_state.json there (not a wszoo training output?)")
+    if check is not None:
+        check(meta)
+    tensors = read_safetensors(str(src / "train_state.safetensors"))
+    state: Dict[int, Dict[str, Any]] = {int(pid): dict(v) for pid, v in meta["state"].items()}
+    others = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, pid, name = key.split(".", 2)
+            state[int(pid)][name] = value
+        else:
+            others[key] = value
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"--resume {src}: the optimizer state does not fit this model and optimizer ({e})") from e
+    scheduler.load_state_dict(meta["scheduler"])
+    return meta, others

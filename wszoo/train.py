@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import random
 import time
 from contextlib import ExitStack, nullcontext
@@ -23,10 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .checkpoint import load_checkpoint, non_finite_tensors, read_safetensors
+from .checkpoint import load_checkpoint, non_finite_tensors
 from .data import DataError, build_transforms, class_count, create_dataset, data_config_for
 from .distributed import all_reduce_gradients, init_distributed, is_main_process
 from .evaluate import autocast_context, evaluate
@@ -34,7 +32,7 @@ from .factory import create_model
 from .hub import WEIGHTS_NAME, save_pretrained
 from .models.helpers import freeze_stages
 from .optim import adaptive_clip_grad, agc_parameters
-from .run_dir import RunDirectory
+from .run_dir import RunDirectory, check_output, load_train_state, save_train_state
 from .speed import accumulate_ws, tune_cpu_allocator, ws_layers
 
 __all__ = ["finetune", "TrainingDiverged", "TrainingInterrupted"]
@@ -67,25 +65,13 @@ def _build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.
 
 
 def _save_train_state(out: Path, run: "_Run", epoch: int, best: float) -> None:
-    """Optimizer tensors to safetensors, the rest to JSON: resuming never unpickles anything. The JSON also
-    says what the run is (model, optimizer), so a resume with other settings is refused."""
-    sd = run.optimizer.state_dict()
-    tensors, state = {}, {}
-    for pid, entry in sd["state"].items():
-        state[str(pid)] = {}
-        for key, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer.{pid}.{key}"] = value.detach().contiguous().cpu()
-            else:
-                state[str(pid)][key] = value
-    if run.ema is not None:
-        tensors.update({f"ema.{k}": v.detach().contiguous().cpu() for k, v in run.ema.module.state_dict().items()})
-    save_file(tensors, str(out / "train_state.safetensors"))
+    """The optimizer, scheduler and EMA state, and what the run is (model, optimizer, lr), so a resume with
+    other settings is refused."""
     meta = {"epoch": epoch, "best_top1": best, "model": run.args.model,
             "architecture": run.model.pretrained_cfg["architecture"], "num_classes": run.model.num_classes,
-            "opt": run.args.opt, "lr": run.args.lr, "ema": run.ema is not None,
-            "param_groups": sd["param_groups"], "state": state, "scheduler": run.scheduler.state_dict()}
-    (out / "train_state.json").write_text(json.dumps(meta, indent=1, default=float))
+            "opt": run.args.opt, "lr": run.args.lr, "ema": run.ema is not None}
+    ema = {f"ema.{k}": v for k, v in run.ema.module.state_dict().items()} if run.ema is not None else None
+    save_train_state(out, run.optimizer, run.scheduler, meta, ema)
 
 
 def _check_resumable(meta: Dict[str, Any], run: "_Run", src: Path) -> None:
@@ -108,21 +94,7 @@ def _check_resumable(meta: Dict[str, Any], run: "_Run", src: Path) -> None:
 
 
 def _load_train_state(src: Path, run: "_Run") -> Tuple[int, float]:
-    meta = RunDirectory(src).state()
-    if meta is None:
-        raise DataError(f"--resume {src}: no train_state.json there (not a wszoo finetune output?)")
-    _check_resumable(meta, run, src)
-    tensors = read_safetensors(str(src / "train_state.safetensors"))
-    state: Dict[int, Dict[str, Any]] = {int(pid): dict(v) for pid, v in meta["state"].items()}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, pid, name = key.split(".", 2)
-            state[int(pid)][name] = value
-    try:
-        run.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    except (ValueError, KeyError) as e:
-        raise DataError(f"--resume {src}: the optimizer state does not fit this model and optimizer ({e})") from e
-    run.scheduler.load_state_dict(meta["scheduler"])
+    meta, tensors = load_train_state(src, run.optimizer, run.scheduler, lambda m: _check_resumable(m, run, src))
     if run.ema is not None:
         run.ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     return int(meta["epoch"]) + 1, float(meta["best_top1"])
@@ -332,23 +304,6 @@ def _save_epoch(run: _Run, out: RunDirectory, epoch: int, metrics: Dict[str, Any
     return best
 
 
-def _check_output(args: argparse.Namespace) -> RunDirectory:
-    """``--output`` may not silently replace a run: it must be new, the run being resumed, or ``--overwrite``."""
-    out = RunDirectory(args.output)
-    if out.path.exists() and not out.path.is_dir():
-        raise DataError(f"--output {out.path} is a file, not a directory")
-    resuming_here = args.resume is not None and Path(args.resume).resolve() == out.path.resolve()
-    if out.holds_run() and not resuming_here and not args.overwrite:
-        state = out.state() or {}
-        done = f" (epochs 0..{state['epoch']} of {state.get('model', '?')})" if "epoch" in state else ""
-        raise DataError(f"--output {out.path} already holds a fine-tuning run{done}; pass --resume {out.path} to "
-                        "continue it, or --overwrite to replace it")
-    existing = next(p for p in (out.path, *out.path.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise DataError(f"--output {out.path}: {existing} is not a writable directory")
-    return out
-
-
 def _history(args: argparse.Namespace, start_epoch: int) -> List[str]:
     """The metrics rows of the epochs before ``start_epoch`` (of the run being resumed)."""
     if not args.resume:
@@ -372,7 +327,7 @@ def finetune(args: argparse.Namespace) -> Dict[str, Any]:
     :class:`TrainingDiverged` when the loss or the weights become non-finite."""
     rank, world, device = init_distributed()
     _seed_everything(args.seed + rank)
-    out = _check_output(args)
+    out = check_output(args.output, args.resume, args.overwrite)
     run, frozen = _prepare(args, world, device)
     start_epoch, best = _resume(run, Path(args.resume)) if args.resume else (0, -1.0)
     history = _history(args, start_epoch)
