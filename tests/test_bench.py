@@ -13,7 +13,8 @@ def test_report_has_every_ratio_positive_and_finite():
     expected = {"eval_b1_ws_vs_folded", "eval_b2_ws_vs_folded", "eval_b1_timm_vs_folded", "eval_b2_timm_vs_folded",
                 "train_b2_ws_vs_plain", "train_b2_channels_last_ws_vs_plain",
                 "train_b2_ws_channels_last_vs_contiguous", "accum2x1_ws_vs_plain", "accum2x1_ws_accumulate_vs_plain",
-                "eval_b1_ort_vs_folded", "eval_b2_ort_vs_folded"}  # ONNX Runtime: in the test extra
+                "eval_b1_ort_vs_folded", "eval_b2_ort_vs_folded",  # ONNX Runtime: in the test extra
+                "train_b2_grouped_vs_plain", "train_b2_grouped_vs_per_layer", "standardize_grouped_vs_per_layer"}
     assert set(result["ratios"]) == expected
     assert all(math.isfinite(v) and v > 0 for v in result["ratios"].values())
     memory = result["memory"]
@@ -21,6 +22,9 @@ def test_report_has_every_ratio_positive_and_finite():
         "WS saves the standardized weights for backward as well"
     assert 0 < memory["eval_cache_mb"] <= memory["params_mb"]
     assert result["ws_layers"] > 0 and result["standardize_fwd_bwd_ms"] > 0
+    # counted by the torch profiler (not timed): grouping removes most of what WS dispatches per step
+    dispatches = result["train"]["extra_dispatches"]
+    assert 0 < dispatches["grouped"] < dispatches["per_layer"] / 2, dispatches
 
 
 def test_models_without_a_timm_twin_and_the_table():
@@ -29,6 +33,7 @@ def test_models_without_a_timm_twin_and_the_table():
     assert not any("timm" in k for k in result["ratios"]) and "train_b2_ws_vs_plain" in result["ratios"]
     table = format_report(report)
     assert "| train_b2_ws_vs_plain |" in table and "resnet_mini_gn_ws" in table
+    assert "| extra aten dispatches / training step, grouped (per layer) |" in table
     assert report["machine"]["allocator_tuned"] is False
 
 

@@ -13,13 +13,14 @@ from .registry import (
     list_pretrained,
     register_model,
 )
-from .speed import accumulate_ws, fold_ws, tune_cpu_allocator
+from .speed import accumulate_ws, fold_ws, group_ws, is_grouped, tune_cpu_allocator
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "PretrainedWeightsError", "UnknownModelError", "create_model", "get_pretrained_cfg", "hub",
     "is_model", "layers", "list_models", "list_pretrained", "load_checkpoint", "models", "optim", "push_to_hub",
-    "register_model", "save_pretrained", "accumulate_ws", "fold_ws", "tune_cpu_allocator", "convert_to_ws",
+    "register_model", "save_pretrained", "accumulate_ws", "fold_ws", "group_ws", "is_grouped", "tune_cpu_allocator",
+    "convert_to_ws",
     "ConversionReport", "WSPolicy", "export", "ExportError",
 ]

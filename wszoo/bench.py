@@ -7,22 +7,28 @@ the medians are in the JSON too), so drift moves numerator and denominator toget
 - eval latency at batch 1 and batch N: the WS model (eval-mode cached weights), its :func:`fold_ws`
   copy, timm's model of the same name when timm has one (timm recomputes the standardization on
   every call), and the verified ONNX export in ONNX Runtime (CPU provider, torch's thread count);
-- a training step (forward, backward, SGD step) at batch B: the WS model against its plain-conv copy
-  (the folded copy, trained as plain convs), contiguous and channels-last;
+- a training step (forward, backward, SGD step) at batch B: the WS model with its WS layers standardized
+  together (:func:`wszoo.group_ws`) and layer by layer (``ws`` is the device's default: grouped on GPUs,
+  per layer on the CPU), against its plain-conv copy (the folded copy, trained as plain convs),
+  contiguous and channels-last;
+- the aten operators one training step dispatches (torch profiler, top-level calls) beyond the plain
+  copy's: the launches and Python round trips WS adds, grouped and layer by layer;
 - one optimizer step over K micro-batches of one image: plain convs, WS, WS inside
   :func:`wszoo.accumulate_ws`;
-- the standardization of all WS weights alone, forward + backward (milliseconds);
+- the standardization of all WS weights alone, forward + backward (milliseconds), grouped and per layer;
 - memory: bytes autograd saves for backward in one training step (WS vs plain), bytes the eval cache
   holds, and on CUDA the peak allocated memory of each training step.
 """
 import contextlib
 import copy
 import json
+import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,10 +37,11 @@ import torch.nn.functional as F
 from . import registry
 from .factory import create_model
 from .files import atomic_write_text
-from .speed import accumulate_ws, fold_ws, tune_cpu_allocator, ws_layers
+from .layers.ws_layer import standardize_layers
+from .speed import accumulate_ws, fold_ws, group_ws, tune_cpu_allocator, ws_layers
 
 __all__ = ["benchmark_model", "benchmark_detector", "run_benchmarks", "format_report", "write_report",
-           "time_interleaved", "train_step_fn", "DEFAULT_MODELS"]
+           "time_interleaved", "train_step_fn", "count_dispatches", "DEFAULT_MODELS"]
 
 #: The models the speed issue's targets are stated for.
 DEFAULT_MODELS = ("resnetv2_50x1_bit", "nf_resnet50", "resnet50_gn_ws")
@@ -69,8 +76,9 @@ def _entry(best: Dict[str, float], medians: Dict[str, float], digits: int = 1) -
     return entry
 
 
-def _saved_bytes(step: Callable[[], Any]) -> int:
-    """Bytes of the tensors autograd saves for backward while ``step`` runs (distinct storages)."""
+def _saved_bytes(step: Callable[[], Any], model: Optional[nn.Module] = None) -> int:
+    """Bytes of the tensors autograd saves for backward while ``step`` runs, and those the grouped
+    standardization of ``model``'s WS layers keeps for its backward (distinct storages)."""
     seen: Dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -80,6 +88,10 @@ def _saved_bytes(step: Callable[[], Any]) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()
+    groups = {id(g): g for _, layer in ws_layers(model) if (g := layer.ws_group()) is not None} if model else {}
+    for group in groups.values():
+        for t in group.held_tensors():
+            pack(t)
     return sum(seen.values())
 
 
@@ -130,6 +142,10 @@ def _ort_session(model: nn.Module, size: int, tmp_dir: str):
     export(model, path, img_size=[size], dynamic_batch=True, force=True)
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+    # ORT's worker threads spin for a while after each run by default: timed interleaved, they would take the
+    # cores from whichever variant runs next (measured: the WS model's batch-1 eval went from 1.01x to 1.5x)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -183,7 +199,13 @@ def _bench_train(model: nn.Module, plain: nn.Module, size: int, train_batch: int
     plain.train()
     x = torch.randn(train_batch, model.in_chans, size, size, device=dev)
     y = torch.randint(0, model.num_classes, (train_batch,), device=dev)
-    fns = {"ws": train_step_fn(model, _sgd(model), x, y), "plain": train_step_fn(plain, _sgd(plain), x, y)}
+    grouped = group_ws(copy.deepcopy(model), enabled=True)
+    per_layer = group_ws(copy.deepcopy(model), enabled=False)
+    fns = {"ws_grouped": train_step_fn(grouped, _sgd(grouped), x, y),
+           "ws_per_layer": train_step_fn(per_layer, _sgd(per_layer), x, y),
+           "plain": train_step_fn(plain, _sgd(plain), x, y)}
+    # the default ('auto'): grouped on accelerators, layer by layer on the CPU
+    default = "ws_per_layer" if dev.type == "cpu" else "ws_grouped"
     if channels_last:
         model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
         plain_cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
@@ -192,15 +214,27 @@ def _bench_train(model: nn.Module, plain: nn.Module, size: int, train_batch: int
         fns["plain_cl"] = train_step_fn(plain_cl, _sgd(plain_cl), x_cl, y)
     med: Dict[str, float] = {}
     t = time_interleaved(fns, repeats, warmup, dev, med)
+    t["ws"], med["ws"] = t[default], med[default]
+    fns["ws"] = fns[default]
     entry = _entry(t, med)
+    entry["default"] = default
     entry["ws_vs_plain"] = ratios[f"train_b{train_batch}_ws_vs_plain"] = _ratio(t["ws"], t["plain"])
+    entry["grouped_vs_plain"] = ratios[f"train_b{train_batch}_grouped_vs_plain"] = \
+        _ratio(t["ws_grouped"], t["plain"])
+    entry["grouped_vs_per_layer"] = ratios[f"train_b{train_batch}_grouped_vs_per_layer"] = \
+        _ratio(t["ws_grouped"], t["ws_per_layer"])
+    plain_ops = count_dispatches(fns["plain"])
+    entry["extra_dispatches"] = {"grouped": count_dispatches(fns["ws_grouped"]) - plain_ops,
+                                 "per_layer": count_dispatches(fns["ws_per_layer"]) - plain_ops,
+                                 "plain_step": plain_ops}
     if channels_last:
         entry["ws_cl_vs_plain_cl"] = ratios[f"train_b{train_batch}_channels_last_ws_vs_plain"] = \
             _ratio(t["ws_cl"], t["plain_cl"])
         entry["ws_cl_vs_ws"] = ratios[f"train_b{train_batch}_ws_channels_last_vs_contiguous"] = \
             _ratio(t["ws_cl"], t["ws"])
     memory = {
-        "train_saved_for_backward_mb_ws": round(_saved_bytes(fns["ws"]) / 2**20, 1),
+        "train_saved_for_backward_mb_ws": round(_saved_bytes(fns["ws_per_layer"]) / 2**20, 1),
+        "train_saved_for_backward_mb_ws_grouped": round(_saved_bytes(fns["ws_grouped"], grouped) / 2**20, 1),
         "train_saved_for_backward_mb_plain": round(_saved_bytes(fns["plain"]) / 2**20, 1),
     }
     peak_ws, peak_plain = _cuda_peak(dev, fns["ws"]), _cuda_peak(dev, fns["plain"])
@@ -211,17 +245,54 @@ def _bench_train(model: nn.Module, plain: nn.Module, size: int, train_batch: int
     return entry, memory
 
 
-def _bench_standardize(model: nn.Module, repeats: int, warmup: int, dev: torch.device) -> float:
-    """Milliseconds to standardize every WS weight of ``model``, forward + backward."""
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """The profiler's native library writes a start and a stop line to file descriptor 2 on every use:
+    keep them out of the bench's output (Python's own errors still arrive as exceptions)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def count_dispatches(step: Callable[[], Any]) -> int:
+    """The aten operators one call of ``step`` dispatches at the top level (not those an operator calls
+    inside itself), by the torch profiler: each is at least one kernel launch (on GPU) and a round trip
+    through the dispatcher. Run once before counting, so lazy initialisation is not counted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    count = 0
+    for event in prof.events():
+        if not event.name.startswith("aten::"):
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        count += parent is None
+    return count
+
+
+def _bench_standardize(model: nn.Module, repeats: int, warmup: int, dev: torch.device) -> Dict[str, float]:
+    """Milliseconds to standardize every WS weight of ``model``, forward + backward: layer by layer, and all
+    together (:func:`wszoo.layers.standardize_layers`, what :func:`wszoo.group_ws` runs)."""
     layers = [layer for _, layer in ws_layers(model)]
 
-    def standardize_all() -> None:
-        weights = [layer.standardized_weight() for layer in layers]
+    def backward(weights: List[torch.Tensor]) -> None:
         torch.autograd.backward(weights, [torch.ones_like(w) for w in weights])
         model.zero_grad(set_to_none=True)
 
-    t = time_interleaved({"standardize": standardize_all}, repeats, warmup, dev)
-    return round(t["standardize"] * 1e3, 1)
+    fns = {"per_layer": lambda: backward([layer.standardized_weight() for layer in layers]),
+           "grouped": lambda: backward(standardize_layers(layers))}
+    t = time_interleaved(fns, repeats, warmup, dev)
+    return {k: round(v * 1e3, 2) for k, v in t.items()}
 
 
 def _bench_accumulate(model: nn.Module, plain: nn.Module, size: int, accum_steps: int, repeats: int, warmup: int,
@@ -276,7 +347,10 @@ def benchmark_model(
                                            ratios)
     memory["eval_cache_mb"] = round(cache_bytes / 2**20, 1)
     memory["params_mb"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1)
-    result["standardize_fwd_bwd_ms"] = _bench_standardize(model, repeats, warmup, dev)
+    standardize = _bench_standardize(model, repeats, warmup, dev)
+    result["standardize_fwd_bwd_ms"] = standardize["grouped"]
+    result["standardize_fwd_bwd_ms_per_layer"] = standardize["per_layer"]
+    ratios["standardize_grouped_vs_per_layer"] = _ratio(standardize["grouped"], standardize["per_layer"])
     result["accumulate"] = _bench_accumulate(model, plain, size, accum_steps, repeats, warmup, dev, ratios)
     result["memory"] = memory
     result["ratios"] = ratios
@@ -317,8 +391,9 @@ def _detection_batch(batch: int, size: int, masks: bool, dev: torch.device) -> T
 def benchmark_detector(kind: str = "maskrcnn", backbone: str = "resnet50_gn_ws", img_size: int = 320,
                        batch: int = 2, rois: Sequence[int] = (512, 32), repeats: int = 3, warmup: int = 1,
                        device: str = "cpu") -> Dict[str, Any]:
-    """A detector's training step (SGD, batch ``batch`` at ``img_size``): the GN+WS detector against the same
-    detector folded (plain convs: what WS itself costs) and torchvision's ResNet-50 FPN detector of the kind,
+    """A detector's training step (SGD, batch ``batch`` at ``img_size``): the GN+WS detector (as built: the
+    device's default standardization; and with grouping forced on) against the same detector folded (plain
+    convs: what WS itself costs) and torchvision's ResNet-50 FPN detector of the kind,
     at each box-head sample count in ``rois`` (the 4conv1fc GN+WS box head's cost grows with it)."""
     from torchvision.models import detection as tv
 
@@ -336,8 +411,9 @@ def benchmark_detector(kind: str = "maskrcnn", backbone: str = "resnet50_gn_ws",
         folded = fold_ws(ws)
         reference = getattr(tv, f"{kind}_resnet50_fpn")(weights=None, weights_backbone=None, num_classes=91, **size,
                                                           **per_rois).to(dev)
+        grouped = group_ws(copy.deepcopy(ws), enabled=True)
         fns = {}
-        for name, model in (("ws", ws), ("folded", folded), ("torchvision", reference)):
+        for name, model in (("ws", ws), ("ws_grouped", grouped), ("folded", folded), ("torchvision", reference)):
             model.train()
             opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
 
@@ -351,7 +427,10 @@ def benchmark_detector(kind: str = "maskrcnn", backbone: str = "resnet50_gn_ws",
         entry = _entry(t, med)
         entry["ws_vs_torchvision"] = ratios[f"{kind}_rois{n}_ws_vs_torchvision"] = _ratio(t["ws"], t["torchvision"])
         entry["ws_vs_folded"] = ratios[f"{kind}_rois{n}_ws_vs_folded"] = _ratio(t["ws"], t["folded"])
-        entry["saved_for_backward_mb"] = {k: round(_saved_bytes(fns[k]) / 2**20, 1) for k in ("ws", "torchvision")}
+        entry["ws_grouped_vs_folded"] = ratios[f"{kind}_rois{n}_ws_grouped_vs_folded"] = \
+            _ratio(t["ws_grouped"], t["folded"])
+        entry["saved_for_backward_mb"] = {k: round(_saved_bytes(fns[k], m) / 2**20, 1)
+                                         for k, m in (("ws", ws), ("torchvision", None))}
         result[f"rois{n}"] = entry
         if kind == "retinanet":
             break
@@ -405,6 +484,16 @@ def format_report(report: Dict[str, Any]) -> str:
     for k in keys:
         cells = (f"{r['ratios'][k]:.3f}x" if k in r["ratios"] else "-" for r in results)
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    if all("train" in r for r in results):  # the counts and milliseconds behind the ratios
+        def dispatches(r: Dict[str, Any]) -> str:
+            counts = r["train"]["extra_dispatches"]
+            return f"{counts['grouped']} ({counts['per_layer']})"
+
+        for label, cell in (
+                ("extra aten dispatches / training step, grouped (per layer)", dispatches),
+                ("standardize all WS weights fwd+bwd ms, grouped (per layer)",
+                 lambda r: f"{r['standardize_fwd_bwd_ms']:g} ({r['standardize_fwd_bwd_ms_per_layer']:g})")):
+            lines.append(f"| {label} | " + " | ".join(cell(r) for r in results) + " |")
     m = report["machine"]
     lines.append("")
     lines.append(f"{m['processor']}, {m['threads']} threads, torch {m['torch']}, device {m['device']}"

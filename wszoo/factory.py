@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 import torch.nn as nn
 
-from . import registry
+from . import registry, speed
 from .checkpoint import load_checkpoint
 from .features import wrap_features
 from .hub import load_pretrained, resolve_saved_model
@@ -96,6 +96,7 @@ def create_model(
     frozen_stages: int = -1,
     feature_cls: Union[str, type, None] = None,
     feature_cfg: Optional[Dict[str, Any]] = None,
+    group_ws: Union[bool, str] = "auto",
     **kwargs: Any,
 ) -> nn.Module:
     """Build a registered model by name, timm-style.
@@ -121,6 +122,9 @@ def create_model(
             ``'fx'`` or ``'getter'`` (see :mod:`wszoo.features`); feature_cfg: more arguments for it.
         frozen_stages: -1 none; 0 the stem; k the stem and stages 1..k (``requires_grad=False``, frozen
             BatchNorms keep their statistics), as detection recipes use.
+        group_ws: in training, standardize all WS layers together (:func:`wszoo.group_ws`: the same numbers
+            in a few kernels instead of ~15 per layer): ``'auto'`` on GPUs (layer by layer on the CPU, where it
+            is no faster), ``True`` everywhere, ``False`` nowhere.
         **kwargs: passed to the architecture (e.g. ``global_pool``, ``output_stride``, ``ws_style``).
 
     The model gets ``pretrained_cfg`` (a dict usable by ``timm.data.resolve_data_config``) and
@@ -138,4 +142,6 @@ def create_model(
     _load_weights(model, source, pretrained, checkpoint_path)
     if frozen_stages >= 0:
         freeze_stages(model, frozen_stages)
-    return wrap_features(model, out_indices, feature_cls, feature_cfg) if features_only else model
+    if features_only:
+        model = wrap_features(model, out_indices, feature_cls, feature_cfg)
+    return speed.group_ws(model, group_ws)

@@ -252,5 +252,6 @@ def test_bench_reports_the_detector_step():
     report = run_benchmarks(detector="maskrcnn", backbone=BACKBONE, img_size=64, train_batch=1, repeats=1, warmup=0,
                             tune_allocator=False)
     ratios = report["results"][0]["ratios"]
-    assert set(ratios) == {f"maskrcnn_rois{n}_{w}" for n in (512, 32) for w in ("ws_vs_torchvision", "ws_vs_folded")}
+    assert set(ratios) == {f"maskrcnn_rois{n}_{w}" for n in (512, 32)
+                           for w in ("ws_vs_torchvision", "ws_vs_folded", "ws_grouped_vs_folded")}
     assert all(v > 0 for v in ratios.values())

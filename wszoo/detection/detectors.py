@@ -17,6 +17,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.models.detection.retinanet import RetinaNetHead
 
+from .. import speed
 from ..hub import PretrainedWeightsError
 from ..layers import convert_convs_to_ws
 from .backbone import WSBackboneWithFPN, has_published_weights
@@ -103,7 +104,7 @@ def _neck(kind: str, backbone: Union[str, nn.Module], pretrained_backbone: Optio
 def build_detector(kind: str, backbone: Union[str, nn.Module], num_classes: int,
                    pretrained_backbone: Optional[bool] = None, frozen_stages: Optional[int] = None,
                    ws_style: Optional[str] = None, backbone_kwargs: Optional[Dict[str, Any]] = None,
-                   p6p7_from: str = "c5", **torchvision_kwargs: Any) -> nn.Module:
+                   p6p7_from: str = "c5", group_ws: Union[bool, str] = "auto", **torchvision_kwargs: Any) -> nn.Module:
     """A torchvision detector on a wszoo backbone, by default as the GN+WS recipe trains it.
 
     Args:
@@ -120,6 +121,8 @@ def build_detector(kind: str, backbone: Union[str, nn.Module], num_classes: int,
             ``timm`` for BiT and, unscaled, for the NF models).
         backbone_kwargs: more ``create_model`` arguments for the backbone (``output_stride`` ...).
         p6p7_from: RetinaNet's P6 source, ``'c5'`` (the references) or ``'p5'``.
+        group_ws: in training, standardize every WS layer of the detector (backbone, neck, heads) together
+            (:func:`wszoo.group_ws`; ``'auto'``: on GPUs), ``True`` everywhere, ``False``: layer by layer.
         **torchvision_kwargs: passed to torchvision's class (``min_size``, ``max_size``, ...).
 
     The image mean/std of torchvision's transform come from the backbone's pretrained cfg. A backbone
@@ -135,17 +138,19 @@ def build_detector(kind: str, backbone: Union[str, nn.Module], num_classes: int,
     torchvision_kwargs.setdefault("image_std", list(cfg.get("std", (0.229, 0.224, 0.225))))
     channels, style, eps = neck.out_channels, neck.ws_style, neck.ws_eps
     if kind == "fasterrcnn":
-        return FasterRCNN(neck, num_classes=num_classes, box_head=_box_head(channels, style, eps), **torchvision_kwargs)
-    if kind == "maskrcnn":
+        model = FasterRCNN(neck, num_classes=num_classes, box_head=_box_head(channels, style, eps),
+                           **torchvision_kwargs)
+    elif kind == "maskrcnn":
         mask_head = MaskRCNNHeads(channels, [256, 256, 256, 256], 1, norm_layer=_gn())
         convert_convs_to_ws(mask_head, style=style, eps=eps)
-        return MaskRCNN(neck, num_classes=num_classes, box_head=_box_head(channels, style, eps), mask_head=mask_head,
-                        **torchvision_kwargs)
-    model = RetinaNet(neck, num_classes=num_classes, **torchvision_kwargs)
-    head = RetinaNetHead(channels, model.anchor_generator.num_anchors_per_location()[0], num_classes,
-                         norm_layer=_gn())
-    convert_convs_to_ws(head, style=style, eps=eps,
-                        exclude=("classification_head.cls_logits", "regression_head.bbox_reg"))
-    model.head = head
-    return model
+        model = MaskRCNN(neck, num_classes=num_classes, box_head=_box_head(channels, style, eps),
+                         mask_head=mask_head, **torchvision_kwargs)
+    else:
+        model = RetinaNet(neck, num_classes=num_classes, **torchvision_kwargs)
+        head = RetinaNetHead(channels, model.anchor_generator.num_anchors_per_location()[0], num_classes,
+                             norm_layer=_gn())
+        convert_convs_to_ws(head, style=style, eps=eps,
+                            exclude=("classification_head.cls_logits", "regression_head.bbox_reg"))
+        model.head = head
+    return speed.group_ws(model, group_ws)
 

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
+from .. import speed
 from ..layers import batchnorm_to_groupnorm, convert_convs_to_ws
 from .backbone import create_backbone, ws_style_of
 from .detectors import recipe_defaults
@@ -30,12 +31,14 @@ class WSDeepLabV3(nn.Module):
 
 def build_segmenter(kind: str, backbone: Union[str, nn.Module], num_classes: int, output_stride: int = 8,
                     pretrained_backbone: Optional[bool] = None, frozen_stages: int = -1,
-                    ws_style: Optional[str] = None, **backbone_kwargs) -> nn.Module:
+                    ws_style: Optional[str] = None, group_ws: Union[bool, str] = "auto",
+                    **backbone_kwargs) -> nn.Module:
     """``build_segmenter('deeplabv3', 'resnet50_gn_ws', 21)``: DeepLabv3 at output stride 8 or 16.
 
     The ASPP rates follow the paper: (12, 24, 36) at stride 8, (6, 12, 18) at stride 16. As
     :func:`build_detector`: the backbone's published weights by default when it has a tag, and the
-    backbone's own WS formula (``ws_style=None``) in the ASPP head.
+    backbone's own WS formula (``ws_style=None``) in the ASPP head; every WS layer standardized together in
+    training (``group_ws``, :func:`wszoo.group_ws`).
     """
     if kind != "deeplabv3":
         raise ValueError(f"unknown segmenter {kind!r}; 'deeplabv3' is available")
@@ -59,4 +62,4 @@ def build_segmenter(kind: str, backbone: Union[str, nn.Module], num_classes: int
     batchnorm_to_groupnorm(head)
     # the classifier conv stays plain
     convert_convs_to_ws(head, style=ws_style, eps=ws_eps, exclude=(f"{len(head) - 1}",))
-    return WSDeepLabV3(body, head)
+    return speed.group_ws(WSDeepLabV3(body, head), group_ws)

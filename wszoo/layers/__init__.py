@@ -22,9 +22,10 @@ from .standardize import (
     check_style,
     fan_in_of,
     standardize_weight,
+    standardize_weights,
 )
 from .ws_conv import CWNConv2d, CWNLinear, ScaledWSConv2d, ScaledWSConv2dSame, WSConv2d, WSConv2dSame, WSLinear
-from .ws_layer import WSLayer, is_ws_layer
+from .ws_layer import LayerGroup, WSLayer, is_groupable, is_ws_layer, standardize_layers
 
 __all__ = [
     "ACT_LAYERS", "BatchChannelNorm2d", "CWNConv2d", "CWNLinear", "ConversionReport", "DEFAULT_EPS", "EcaModule",
@@ -34,4 +35,5 @@ __all__ = [
     "batchnorm_to_groupnorm",
     "check_style", "convert_convs_to_ws", "convert_to_ws", "create_act", "create_attn", "fan_in_of",
     "get_act_layer", "is_ws_layer", "p4_filter_bank", "replace_modules", "rotate_p4", "standardize_weight",
+    "standardize_weights", "standardize_layers", "LayerGroup", "is_groupable",
 ]

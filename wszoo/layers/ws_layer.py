@@ -8,14 +8,14 @@ standardizes (``class MyWSConv(WSLayer, nn.Conv2d)``), call :meth:`WSLayer.init_
 and sets ``ws_gamma`` (see :class:`wszoo.layers.ScaledWSConv2d`). Everything else (caching,
 :func:`wszoo.accumulate_ws`, :func:`wszoo.fold_ws`) then works unchanged.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from .standardize import DEFAULT_EPS, check_style, fan_in_of, standardize_weight
+from .standardize import DEFAULT_EPS, check_style, fan_in_of, standardize_weight, standardize_weights
 
-__all__ = ["WSLayer", "is_ws_layer"]
+__all__ = ["WSLayer", "LayerGroup", "is_ws_layer", "is_groupable", "standardize_layers"]
 
 # FX records the standardization as one call (its shape checks and fused kernel do not trace); the traced
 # graph calls it on the real weight, and TorchScript compiles it (its scripting path) when the graph is scripted.
@@ -34,6 +34,9 @@ class WSLayer:
 
     - inside :func:`wszoo.accumulate_ws`, the one computed when accumulation started
       (:meth:`start_accumulation`);
+    - in training, in a :class:`LayerGroup` (:func:`wszoo.group_ws`), one computed together with the group's
+      other layers by the first forward after any weight changed, reused until one changes again (an
+      optimizer step) or autograd needs one where it was computed without;
     - in eval mode when no gradient reaches the WS parameters, a cached one, reused until the weight,
       the gain or a setting changes (data pointer or version counter: every in-place edit, optimizer
       step and ``load_state_dict`` moves the counter, ``.to()`` makes new storages), so it is never stale;
@@ -56,11 +59,15 @@ class WSLayer:
         self.ws_gamma = float(gamma)
         if not self.ws_eps > 0:
             raise ValueError(f"eps must be > 0 (it keeps constant filters finite), got {eps}")
-        if fan_in_of(self.weight) < 2:
+        if self.ws_fan_in() < 2:
             raise ValueError(
                 f"weight standardization needs a fan-in of at least 2 per filter; this layer's is "
-                f"{fan_in_of(self.weight)} (use a plain layer here)"
+                f"{self.ws_fan_in()} (use a plain layer here)"
             )
+
+    def ws_fan_in(self) -> int:
+        """How many weights each output filter is standardized over (a transposed conv overrides it)."""
+        return fan_in_of(self.weight)
 
     def ws_gain(self) -> Optional[torch.Tensor]:
         """The learnable per-filter scale of the scaled styles, or ``None`` (layers with a gain override it)."""
@@ -84,6 +91,9 @@ class WSLayer:
         if accumulated is not None:
             return accumulated
         if self.training:
+            group = self.__dict__.get("_ws_group")
+            if group is not None:
+                return group.weight_for(self)
             return self.standardized_weight()
         tensors, settings = self._ws_dependencies()
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
@@ -109,6 +119,48 @@ class WSLayer:
         tensors = (self.weight,) if gain is None else (self.weight, gain)
         return tensors, (self.ws_style, self.ws_eps, self.ws_gamma)
 
+    def _ws_key(self) -> Tuple:
+        tensors, settings = self._ws_dependencies()
+        return tuple((t.data_ptr(), t._version) for t in tensors) + settings
+
+    # --- a weight standardized together with others (driven by wszoo.group_ws) --------------------
+    @torch.jit.unused
+    def grouped_weight(self) -> Optional[torch.Tensor]:
+        """This layer's result of its group's last standardization, if it still applies (same weight and
+        gain, and a gradient path where autograd needs one), else ``None``."""
+        grouped = self.__dict__.get("_ws_grouped")
+        if grouped is None or grouped[0] != self._ws_key():
+            return None
+        weight = grouped[1]
+        if torch.is_grad_enabled() and not weight.requires_grad and any(
+                t.requires_grad for t in self._ws_dependencies()[0]):
+            return None  # computed under no_grad: it would cut the parameters off from the loss
+        return weight
+
+    @torch.jit.unused
+    def join_group(self, group: Optional["LayerGroup"]) -> None:
+        """Standardize in training together with ``group``'s other layers (``None``: on its own again)."""
+        self.clear_grouped_weight()
+        if group is None:
+            self.__dict__.pop("_ws_group", None)
+        else:
+            self.__dict__["_ws_group"] = group
+
+    @torch.jit.unused
+    def ws_group(self) -> Optional["LayerGroup"]:
+        """The :class:`LayerGroup` this layer standardizes with, if any."""
+        return self.__dict__.get("_ws_group")
+
+    @torch.jit.unused
+    def set_grouped_weight(self, weight: torch.Tensor) -> None:
+        """Record this layer's standardized weight as computed together with others (by :class:`LayerGroup`)."""
+        self.__dict__["_ws_grouped"] = (self._ws_key(), weight)
+
+    @torch.jit.unused
+    def clear_grouped_weight(self) -> None:
+        """Drop the recorded grouped result (the next training forward of the group standardizes again)."""
+        self.__dict__.pop("_ws_grouped", None)
+
     # --- the eval cache ---------------------------------------------------------------------------
     @torch.jit.unused
     def cached_weight(self) -> Optional[torch.Tensor]:
@@ -128,13 +180,15 @@ class WSLayer:
         return "_ws_accumulated" in self.__dict__
 
     @torch.jit.unused
-    def start_accumulation(self) -> Tuple[torch.Tensor, torch.Tensor]:
+    def start_accumulation(self, weight: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Standardize once (with autograd) and forward with a detached stand-in until
         :meth:`stop_accumulation`; returns ``(weight, stand_in)``. Micro-batch backwards accumulate into
-        ``stand_in.grad``; back-propagating it through ``weight`` once gives the parameters' gradients."""
+        ``stand_in.grad``; back-propagating it through ``weight`` once gives the parameters' gradients.
+        ``weight``: this layer's standardized weight if already computed (:func:`standardize_layers`)."""
         if self.is_accumulating:
             raise RuntimeError(f"{type(self).__name__} is already accumulating (nested accumulate_ws?)")
-        weight = self.standardized_weight()
+        if weight is None:
+            weight = self.standardized_weight()
         stand_in = weight.detach().requires_grad_(weight.requires_grad)
         self.__dict__["_ws_accumulated"] = stand_in
         return weight, stand_in
@@ -163,19 +217,94 @@ class WSLayer:
     def train(self, mode: bool = True):
         if mode:
             self.clear_ws_cache()
+        else:
+            self.clear_grouped_weight()
         return super().train(mode)  # type: ignore[misc]
 
     def _apply(self, fn, *args, **kwargs):
         self.clear_ws_cache()
+        self.clear_grouped_weight()
         return super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
 
     def __getstate__(self):
         state = super().__getstate__()  # type: ignore[misc]
-        return {k: v for k, v in state.items() if k not in ("_ws_cache", "_ws_accumulated")}
+        return {k: v for k, v in state.items() if k not in ("_ws_cache", "_ws_accumulated", "_ws_grouped")}
 
     def ws_repr(self) -> str:
         """The WS part of ``extra_repr``."""
         return f", ws_style={self.ws_style}, ws_eps={self.ws_eps:g}"
+
+
+def standardize_layers(layers: Sequence[WSLayer]) -> List[torch.Tensor]:
+    """Each layer's :meth:`~WSLayer.standardized_weight`, computed together (:func:`standardize_weights`: a
+    number of kernels that grows with the distinct fan-ins and formulas, not with the layers)."""
+    return standardize_weights([layer.weight for layer in layers], [layer.ws_style for layer in layers],
+                               [layer.ws_eps for layer in layers], [layer.ws_gain() for layer in layers],
+                               [layer.ws_gamma for layer in layers])
+
+
+def is_groupable(layer: WSLayer) -> bool:
+    """Whether ``layer``'s standardized weight is :class:`WSLayer`'s own (``weight`` standardized along dim 0),
+    which :func:`standardize_layers` computes for many layers at once. Layers that compute it otherwise (a
+    transposed conv's layout, a function-preserving affine, a user's subclass) standardize on their own."""
+    return type(layer).standardized_weight is WSLayer.standardized_weight
+
+
+class LayerGroup:
+    """WS layers whose training-mode weights are standardized together (see :func:`wszoo.group_ws`).
+
+    The first training forward of any member after a weight changed standardizes every member at once
+    (:func:`standardize_layers`) and records each member's result; the others' forwards then use theirs.
+    Results stay valid until a member's weight or gain changes (an optimizer step, ``load_state_dict``, any
+    in-place edit) or autograd needs a gradient path a result lacks, so all forward passes between two
+    optimizer steps (micro-batches, several views of a batch, a checkpointed block's recomputation) share
+    one standardization, and each backward takes its share of its gradient."""
+
+    def __init__(self, layers: Sequence[WSLayer], on_cpu: bool = True) -> None:
+        #: whether weights on the CPU are grouped too (else only on accelerators, where launches dominate)
+        self.on_cpu = on_cpu
+        odd = [type(layer).__name__ for layer in layers if not is_groupable(layer)]
+        if odd:
+            raise ValueError(f"LayerGroup takes layers whose weight standardizes along dim 0; {', '.join(odd)} "
+                             "compute theirs otherwise (see is_groupable)")
+        self.layers = list(layers)
+
+    def applies_to(self, layer: WSLayer) -> bool:
+        """Whether ``layer`` (a member) standardizes with the group where its weight is now."""
+        return self.on_cpu or layer.weight.device.type != "cpu"
+
+    def weight_for(self, layer: WSLayer) -> torch.Tensor:
+        """``layer``'s standardized weight for a training forward (standardizing the whole group if needed)."""
+        if not self.applies_to(layer):
+            return layer.standardized_weight()
+        weight = layer.grouped_weight()
+        if weight is None:
+            self.standardize()
+            weight = layer.__dict__["_ws_grouped"][1]
+        return weight
+
+    def held_tensors(self) -> List[torch.Tensor]:
+        """The tensors the group's last standardization keeps alive for its backward and results (the flat
+        copy of the weights, per-row statistics, the results' buffer): what it costs in memory."""
+        held: List[torch.Tensor] = []
+        for member in self.layers:
+            grouped = member.__dict__.get("_ws_grouped")
+            if grouped is None:
+                continue
+            held.append(grouped[1])
+            node = grouped[1].grad_fn
+            buffers = getattr(node, "buffers", None)
+            if buffers is not None:  # (rows, per-group statistics), as _GroupedStandardize keeps them
+                rows, stats = buffers
+                held += list(rows) + [t for group in stats for t in group if isinstance(t, torch.Tensor)]
+        return held
+
+    def standardize(self) -> None:
+        """Standardize every member now and record the results."""
+        for member in self.layers:  # the old results go first (peak memory: one set, not two)
+            member.clear_grouped_weight()
+        for member, weight in zip(self.layers, standardize_layers(self.layers), strict=True):
+            member.set_grouped_weight(weight)
 
 
 def is_ws_layer(module: nn.Module) -> bool:
