@@ -2,6 +2,14 @@
 (Centered WN, p4 group convolutions), norms (GroupNorm+act, Batch-Channel Norm), activations, and
 ``convert_to_ws`` for retrofitting WS onto existing networks."""
 from .activations import NONLIN_GAMMA, GammaAct, act_with_gamma
+from .affine_ws import (
+    AffineWS,
+    AffineWSConv1d,
+    AffineWSConv2d,
+    AffineWSConv2dSame,
+    AffineWSConv3d,
+    AffineWSLinear,
+)
 from .attention import EcaModule, SEModule, create_attn
 from .bcn import BatchChannelNorm2d, EstimatedBatchNorm2d
 from .norm_act import ACT_LAYERS, GroupNormAct, create_act, get_act_layer
@@ -25,6 +33,7 @@ from .standardize import (
     standardize_weights,
 )
 from .ws_conv import CWNConv2d, CWNLinear, ScaledWSConv2d, ScaledWSConv2dSame, WSConv2d, WSConv2dSame, WSLinear
+from .ws_conv_nd import ScaledWSConv1d, ScaledWSConv3d, WSConv1d, WSConv3d, WSConvTranspose2d
 from .ws_layer import LayerGroup, WSLayer, is_groupable, is_ws_layer, standardize_layers
 
 __all__ = [
@@ -35,5 +44,7 @@ __all__ = [
     "batchnorm_to_groupnorm",
     "check_style", "convert_convs_to_ws", "convert_to_ws", "create_act", "create_attn", "fan_in_of",
     "get_act_layer", "is_ws_layer", "p4_filter_bank", "replace_modules", "rotate_p4", "standardize_weight",
-    "standardize_weights", "standardize_layers", "LayerGroup", "is_groupable",
+    "standardize_weights", "standardize_layers", "LayerGroup", "is_groupable", "WSConv1d", "WSConv3d",
+    "ScaledWSConv1d", "ScaledWSConv3d", "WSConvTranspose2d", "AffineWS", "AffineWSConv1d", "AffineWSConv2d",
+    "AffineWSConv2dSame", "AffineWSConv3d", "AffineWSLinear",
 ]

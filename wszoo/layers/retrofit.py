@@ -15,8 +15,10 @@ from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdCon
 from timm.layers import GroupNormAct as TimmGroupNormAct
 from timm.layers.norm_act import BatchNormAct2d as TimmBatchNormAct2d
 
+from .affine_ws import AffineWSConv1d, AffineWSConv2d, AffineWSConv2dSame, AffineWSConv3d, AffineWSLinear
 from .standardize import check_style, fan_in_of
 from .ws_conv import WSConv2d, WSConv2dSame, WSLinear
+from .ws_conv_nd import WSConv1d, WSConv3d, WSConvTranspose2d
 from .ws_layer import is_ws_layer
 
 __all__ = ["WSPolicy", "ConversionReport", "convert_to_ws", "convert_convs_to_ws", "batchnorm_to_groupnorm",
@@ -37,6 +39,8 @@ class WSPolicy:
         linear: also standardize ``nn.Linear`` layers.
         skip_classifier: keep the model's classifier plain when the model names it (timm's
             ``get_classifier()``, e.g. a 1x1-conv ``head.fc``); other classifiers go in ``skip``.
+        transposed: also standardize ``nn.ConvTranspose2d`` layers (decoders), over each output filter's
+            fan-in (:class:`WSConvTranspose2d`).
     """
 
     min_fan_in: int = 2
@@ -44,6 +48,7 @@ class WSPolicy:
     skip: Tuple[str, ...] = ()
     linear: bool = False
     skip_classifier: bool = True
+    transposed: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.skip, str):
@@ -61,10 +66,12 @@ class WSPolicy:
             return "named in policy.skip"
         if isinstance(layer, nn.Linear) and not self.linear:
             return "linear layer (policy.linear is False)"
+        if isinstance(layer, nn.ConvTranspose2d) and not self.transposed:
+            return "transposed conv (policy.transposed is False)"
         groups = getattr(layer, "groups", 1)
         if self.skip_depthwise and groups > 1 and groups == layer.in_channels:  # type: ignore[attr-defined]
             return "depthwise conv (policy.skip_depthwise)"
-        fan_in = fan_in_of(layer.weight)  # type: ignore[arg-type]
+        fan_in = _fan_in(layer)
         if fan_in < self.min_fan_in:
             return f"fan-in {fan_in} < policy.min_fan_in {self.min_fan_in}"
         return None
@@ -92,23 +99,44 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+def _fan_in(layer: nn.Module) -> int:
+    """Weights per output filter: ``in / groups * prod(kernel)`` (a transposed conv's weight is ``(in, out/g, k)``)."""
+    if isinstance(layer, nn.ConvTranspose2d):
+        return layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+    return fan_in_of(layer.weight)  # type: ignore[arg-type]
+
+
+#: The exact torch.nn (and timm) layer types convert_to_ws converts, and their WS twins (plain, function-preserving)
+_TWINS = {nn.Conv1d: (WSConv1d, AffineWSConv1d), nn.Conv2d: (WSConv2d, AffineWSConv2d),
+          Conv2dSame: (WSConv2dSame, AffineWSConv2dSame), nn.Conv3d: (WSConv3d, AffineWSConv3d),
+          nn.Linear: (WSLinear, AffineWSLinear), nn.ConvTranspose2d: (WSConvTranspose2d, None)}
+
+
 def _describe(layer: nn.Module) -> str:
     return f"{type(layer).__name__}({layer.extra_repr()})"
 
 
-def _ws_twin(layer: nn.Module, style: str, eps: Optional[float]) -> nn.Module:
-    """The WS layer computing ``layer``'s function on standardized weights, sharing its parameters."""
+def _ws_twin(layer: nn.Module, style: str, eps: Optional[float], preserve_function: bool = False) -> nn.Module:
+    """The WS layer computing ``layer``'s function on standardized weights, sharing its parameters; with
+    ``preserve_function`` one whose per-filter affine makes it compute exactly ``layer``'s function now."""
+    cls = _TWINS[type(layer)][1 if preserve_function else 0]
     if isinstance(layer, nn.Linear):
-        ws: nn.Module = WSLinear(layer.in_features, layer.out_features, bias=layer.bias is not None, style=style,
-                                 eps=eps, device="meta")
+        ws: nn.Module = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, style=style,
+                            eps=eps, device="meta")
+    elif isinstance(layer, nn.ConvTranspose2d):
+        ws = cls(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                 output_padding=layer.output_padding, groups=layer.groups, bias=layer.bias is not None,
+                 dilation=layer.dilation, style=style, eps=eps, device="meta")
     else:
         same = isinstance(layer, Conv2dSame)  # timm's dynamic TF 'SAME' padding
-        cls = WSConv2dSame if same else WSConv2d
         ws = cls(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
                  padding="same" if same else layer.padding, dilation=layer.dilation, groups=layer.groups,
                  bias=layer.bias is not None, style=style, eps=eps, device="meta")
         ws.padding_mode = layer.padding_mode
     ws.weight, ws.bias = layer.weight, layer.bias  # share, don't copy: keys and values unchanged
+    if preserve_function:
+        ws.init_affine()
+        ws.init_affine_from_weight()
     return ws.train(layer.training)
 
 
@@ -153,17 +181,23 @@ def convert_to_ws(
     eps: Optional[float] = None,
     norm: Optional[str] = None,
     gn_groups: int = 32,
+    preserve_function: bool = False,
 ) -> ConversionReport:
     """Retrofit weight standardization onto ``model`` in place and report what changed.
 
-    Every ``nn.Conv2d`` (and timm's ``Conv2dSame``) the ``policy`` allows becomes a
-    :class:`WSConv2d` (:class:`WSConv2dSame`), every allowed ``nn.Linear`` a :class:`WSLinear` when
-    ``policy.linear``; they hold the original parameter objects, so the state-dict keys and values are
-    unchanged. ``norm='gn'`` also replaces ``BatchNorm2d``/``SyncBatchNorm`` (and timm's
-    ``BatchNormAct2d``, keeping its activation) by GroupNorm with ``gn_groups`` groups (the largest
-    divisor of the width not above it), sharing the affine parameters; their running statistics leave
-    the state dict (listed in the report). A BN-trained network computes a different function once
-    standardized: fine-tune it.
+    Every ``nn.Conv2d`` (and timm's ``Conv2dSame``), ``nn.Conv1d`` and ``nn.Conv3d`` the ``policy`` allows
+    becomes a :class:`WSConv2d` (:class:`WSConv2dSame`), :class:`WSConv1d`, :class:`WSConv3d`; every allowed
+    ``nn.Linear`` a :class:`WSLinear` when ``policy.linear``, every ``nn.ConvTranspose2d`` a
+    :class:`WSConvTranspose2d` when ``policy.transposed``. They hold the original parameter objects, so the
+    state-dict keys and values are unchanged. ``norm='gn'`` also replaces ``BatchNorm2d``/``SyncBatchNorm``
+    (and timm's ``BatchNormAct2d``, keeping its activation) by GroupNorm with ``gn_groups`` groups (the
+    largest divisor of the width not above it), sharing the affine parameters; their running statistics
+    leave the state dict (listed in the report). A BN-trained network computes a different function once
+    standardized: fine-tune it, or pass ``preserve_function=True`` (mmcv's ``ConvAWS``): each converted
+    layer gets a learnable per-filter ``weight_gamma`` and ``weight_beta`` after the standardization,
+    initialised from the weights it converts, so the network computes exactly what it did (float rounding)
+    and then trains in the WS parameterization; the state dict keeps every key and gains these two per layer
+    (transposed convs are not offered it; ``norm='gn'`` cannot preserve the function and is refused with it).
 
     Everything is checked and built before anything is replaced, so an error leaves ``model`` as it was.
     Left alone and reported: layers already standardized, subclasses of ``nn.Conv2d``/``nn.Linear``,
@@ -182,7 +216,11 @@ def convert_to_ws(
         raise ValueError(f"norm must be one of {NORM_SWAPS} (None keeps the norms), got {norm!r}")
     if not isinstance(gn_groups, int) or gn_groups < 1:
         raise ValueError(f"gn_groups must be a positive int, got {gn_groups!r}")
-    if isinstance(model, (nn.Conv2d, nn.Linear)) or _is_swappable_batchnorm(model):
+    if preserve_function and norm == "gn":
+        raise ValueError("preserve_function=True keeps what the network computes, and norm='gn' changes it "
+                         "(GroupNorm normalizes each image over channel groups where BatchNorm applied fixed "
+                         "running statistics): use norm=None (the BatchNorms stay) with preserve_function")
+    if isinstance(model, tuple(_TWINS)) or _is_swappable_batchnorm(model):
         raise ValueError("convert_to_ws replaces a model's layers in place; wrap a single layer in a module "
                          "(e.g. nn.Sequential(layer)) or build the WS layer directly")
 
@@ -196,7 +234,7 @@ def convert_to_ws(
             continue
         if _already_standardized(module):
             report.skipped[name] = f"already weight-standardized ({type(module).__name__})"
-        elif type(module) in (nn.Conv2d, Conv2dSame, nn.Linear):
+        elif type(module) in _TWINS:
             if module is classifier:
                 reason: Optional[str] = "the model's classifier (policy.skip_classifier)"
             elif _has_hooks(module) or not isinstance(module.weight, nn.Parameter):
@@ -206,10 +244,14 @@ def convert_to_ws(
             if reason is not None:
                 report.skipped[name] = reason
                 continue
-            planned[id(module)] = new = _ws_twin(module, style, eps)
+            if preserve_function and isinstance(module, nn.ConvTranspose2d):
+                report.skipped[name] = "transposed conv: no function-preserving WS twin (preserve_function)"
+                continue
+            planned[id(module)] = new = _ws_twin(module, style, eps, preserve_function)
             report.converted[name] = f"{_describe(module)} -> {_describe(new)}"
-        elif isinstance(module, (nn.Conv2d, nn.Linear)):
-            base = "Linear" if isinstance(module, nn.Linear) else "Conv2d"
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose2d)):
+            base = next(b.__name__ for b in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose2d)
+                        if isinstance(module, b))
             report.skipped[name] = f"{type(module).__name__} is a subclass of {base}; only exact nn.{base} " \
                                    "layers are converted"
         elif norm == "gn" and _is_swappable_batchnorm(module):
