@@ -147,9 +147,9 @@ def test_the_private_reach_check_catches_one(tmp_path):
 
 
 def test_ws_layer_state_lives_in_the_ws_layer_class():
-    """The eval cache and the accumulation stand-in are reached through WSLayer's methods only."""
+    """The eval cache, the accumulation stand-in and the grouped results are reached through WSLayer's methods only."""
     for path in _python_files():
         if path == PACKAGE / "layers" / "ws_layer.py" or path == Path(__file__).resolve():
             continue
         text = path.read_text(encoding="utf-8")
-        assert not re.search(r"\b_ws_(cache|accumulated)\b", text), path
+        assert not re.search(r"\b_ws_(cache|accumulated|grouped|group)\b", text), path
