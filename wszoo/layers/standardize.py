@@ -70,44 +70,6 @@ def _batch_norm_rows(w2d: torch.Tensor, eps: float, scale: Optional[torch.Tensor
     return F.batch_norm(w2d.unsqueeze(0), None, None, weight=scale, training=True, momentum=0.0, eps=eps).squeeze(0)
 
 
-def _rows_forward(w2d: torch.Tensor, scale: Optional[torch.Tensor], style: str, eps: float,
-                  out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Tuple]:
-    """``y = (W - mean) * b(v) * scale`` on the rows of a 2-D float weight, outside autograd: returns ``y``
-    (written into ``out`` when given) and what :func:`_rows_backward` needs. The ``timm`` styles run as
-    batch_norm's own kernels (bitwise timm's), the others on the fused arithmetic of :class:`_Standardize`."""
-    if style in _BATCH_NORM_EXACT:
-        y, mean, invstd = torch.ops.aten.native_batch_norm(w2d.unsqueeze(0), scale, None, None, None, True, 0.0, eps)
-        y = y.squeeze(0)
-        if out is not None:
-            y = out.copy_(y)
-        return y, (w2d, scale, mean, invstd, None)
-    n = w2d.shape[1]
-    mean = w2d.mean(1, keepdim=True)
-    y = torch.sub(w2d, mean, out=out) if out is not None else w2d - mean
-    v = torch.linalg.vector_norm(y, dim=1, keepdim=True).square_().div_(n)
-    b, db = _row_scale(style, v, n, eps)
-    a = b if scale is None else b * scale.unsqueeze(1)
-    y.mul_(a)
-    rho = torch.where(db < 0, (-2 * db / b).sqrt(), torch.full_like(b, _RHO_FLOOR))
-    return y, (w2d, (a / rho).view(-1), mean.view(-1), rho.view(-1), (b / rho).view(-1))
-
-
-def _rows_backward(saved: Tuple, grad: torch.Tensor, need_w: bool, need_scale: bool
-                   ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The gradients of :func:`_rows_forward` with respect to the rows and the per-row scale: one
-    batch_norm backward (see :class:`_Standardize` for why the fused styles reduce to it)."""
-    w2d, gamma, mean, invstd, b_over_rho = saved
-    grad_w, sum_g_xhat, _ = torch.ops.aten.native_batch_norm_backward(
-        grad.contiguous().unsqueeze(0), w2d.unsqueeze(0), gamma, None, None, mean, invstd, True, 0.0,
-        [need_w, need_scale and (b_over_rho is not None or gamma is not None), False])
-    grad_scale = None
-    if need_scale:
-        # batch_norm styles: the scale is the affine weight, whose gradient batch_norm gives. Fused styles:
-        # d y / d scale = c * b, and sum(g * c * b) = sum(g * x_hat) * b / rho with x_hat = c * rho
-        grad_scale = sum_g_xhat if b_over_rho is None else sum_g_xhat * b_over_rho
-    return (grad_w.squeeze(0) if need_w else None), grad_scale
-
-
 class _Standardize(torch.autograd.Function):
     """``y = (W - mean) * b(v) * scale`` per row of a 2-D weight, with an analytic, fused backward, for
     the styles batch_norm cannot express (eps outside the sqrt, unbiased variance, a clamp).
@@ -124,17 +86,29 @@ class _Standardize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w2d: torch.Tensor, scale: Optional[torch.Tensor], style: str, eps: float) -> torch.Tensor:  # type: ignore[override]
-        y, saved = _rows_forward(w2d, scale, style, eps)
-        ctx.save_for_backward(*saved)
+        n = w2d.shape[1]
+        mean = w2d.mean(1, keepdim=True)
+        y = w2d - mean
+        v = torch.linalg.vector_norm(y, dim=1, keepdim=True).square_().div_(n)
+        b, db = _row_scale(style, v, n, eps)
+        a = b if scale is None else b * scale.unsqueeze(1)
+        y.mul_(a)
+        rho = torch.where(db < 0, (-2 * db / b).sqrt(), torch.full_like(b, _RHO_FLOOR))
+        ctx.save_for_backward(w2d, mean, rho, a / rho, b / rho)
         ctx.scaled = scale is not None
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        w2d, mean, rho, gamma, b_over_rho = ctx.saved_tensors
         need_w, need_scale = ctx.needs_input_grad[0], ctx.scaled and ctx.needs_input_grad[1]
-        grad_w, grad_scale = _rows_backward(tuple(ctx.saved_tensors), grad, need_w, need_scale)
-        return grad_w, grad_scale, None, None
+        grad_w, sum_g_xhat, _ = torch.ops.aten.native_batch_norm_backward(
+            grad.contiguous().unsqueeze(0), w2d.unsqueeze(0), gamma.view(-1), None, None, mean.view(-1),
+            rho.view(-1), True, 0.0, [need_w, need_scale, False])
+        # d y / d scale = c * b, and sum(g * c * b) = sum(g * x_hat) * b / rho with x_hat = c * rho
+        grad_scale = sum_g_xhat * b_over_rho.view(-1) if need_scale else None
+        return (grad_w.squeeze(0) if need_w else None), grad_scale, None, None
 
 
 # rho where b'(v) = 0 (a clamp is active): small enough that rho^2 * sum(g c) vanishes, large enough that
@@ -164,6 +138,50 @@ def check_style(style: str) -> str:
 def fan_in_of(weight: torch.Tensor) -> int:
     """Number of weights each output filter is standardized over (``in/groups * kh * kw`` for a conv)."""
     return math.prod(weight.shape[1:])  # (from the shape: no tensor op)
+
+
+def _is_channels_last(weight: torch.Tensor) -> bool:
+    return weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def _memory_order(tensor: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A channels-last conv weight as its memory holds it, (out, kh, kw, in): the statistics over the fan-in do
+    not depend on the order, so no copy is made and the result keeps the layout the conv wants."""
+    return tensor.permute(0, 2, 3, 1) if channels_last else tensor
+
+
+def _from_memory_order(tensor: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return tensor.permute(0, 3, 1, 2) if channels_last else tensor
+
+
+def _autocast_off(device_type: str):
+    """Autocast disabled on ``device_type`` (the statistics stay float32), where autocast exists there (not on
+    e.g. the meta device; cpu/cuda answered without the call, which torch.compile cannot trace)."""
+    if device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _checked_eps(weight: torch.Tensor, style: str, eps: Optional[float], gain: Optional[torch.Tensor],
+                 gamma: float) -> float:
+    """The checks :func:`standardize_weight` and :func:`standardize_weights` make on each weight's arguments;
+    returns the eps to use (the style's default for ``None``)."""
+    check_style(style)
+    if weight.dim() < 2:
+        raise ValueError(f"weight must have an output dim and a fan-in, got shape {tuple(weight.shape)}")
+    fan_in = fan_in_of(weight)
+    if fan_in < 2:
+        raise ValueError(f"cannot standardize filters of fan-in {fan_in}: a single weight standardizes to 0 "
+                         "(filters need a fan-in of at least 2)")
+    eps = DEFAULT_EPS[style] if eps is None else float(eps)
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0 (it keeps constant filters finite), got {eps}")
+    if style not in GAIN_STYLES and (gain is not None or gamma != 1.0):
+        raise ValueError(f"gain/gamma apply to the styles {GAIN_STYLES}, not to {style!r}")
+    if gain is not None and gain.numel() != weight.shape[0]:
+        raise ValueError(f"gain must have one value per output filter ({weight.shape[0]}), "
+                         f"got shape {tuple(gain.shape)}")
+    return eps
 
 
 def standardize_weight(
@@ -227,26 +245,14 @@ def _standardize_fused(
     gamma: float,
 ) -> torch.Tensor:
     """The eager path: checks, channels-last layouts, float32 statistics under autocast, fused backward."""
-    check_style(style)
-    if weight.dim() < 2:
-        raise ValueError(f"weight must have an output dim and a fan-in, got shape {tuple(weight.shape)}")
+    eps = _checked_eps(weight, style, eps, gain, gamma)
     fan_in = fan_in_of(weight)
-    if fan_in < 2:
-        raise ValueError(f"cannot standardize filters of fan-in {fan_in}: a single weight standardizes to 0")
-    eps = DEFAULT_EPS[style] if eps is None else float(eps)
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0 (it keeps constant filters finite), got {eps}")
     scaled = style in GAIN_STYLES
-    if not scaled and (gain is not None or gamma != 1.0):
-        raise ValueError(f"gain/gamma apply to the styles {GAIN_STYLES}, not to {style!r}")
-    if gain is not None and gain.numel() != weight.shape[0]:
-        raise ValueError(f"gain must have one value per output filter ({weight.shape[0]}), "
-                         f"got shape {tuple(gain.shape)}")
     # A channels-last conv weight is standardized in its memory order (the statistics don't care), so
     # no copy is made and the result keeps the layout the conv wants.
-    channels_last = weight.dim() == 4 and not weight.is_contiguous() \
-        and weight.is_contiguous(memory_format=torch.channels_last)
-    w2d = (weight.permute(0, 2, 3, 1) if channels_last else weight).reshape(weight.shape[0], fan_in)
+    channels_last = _is_channels_last(weight)
+    in_memory_order = _memory_order(weight, channels_last)
+    w2d = in_memory_order.reshape(weight.shape[0], fan_in)
     # Statistics in float32 (float64 stays float64) whatever the autocast state or parameter dtype;
     # the caller's conv then runs in the autocast dtype.
     w2d = w2d.to(torch.promote_types(w2d.dtype, torch.float32))
@@ -256,35 +262,15 @@ def _standardize_fused(
         const = gamma * fan_in ** -0.5 if style == "timm_scaled" else gamma
         scale = torch.full((weight.shape[0],), const, dtype=w2d.dtype, device=w2d.device) if gain is None \
             else gain.reshape(-1).to(w2d.dtype) * const
-    device_type = weight.device.type
-    # (not on e.g. the meta device; cpu/cuda answered without the call, which torch.compile cannot trace)
-    autocast_off = device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type)
-    with torch.autocast(device_type=device_type, enabled=False) if autocast_off else contextlib.nullcontext():
+    with _autocast_off(weight.device.type):
         if style in _BATCH_NORM_EXACT:
             out = _batch_norm_rows(w2d, eps, scale)
         else:
             out = _Standardize.apply(w2d.contiguous(), scale, style, eps)
-    out = out.to(weight.dtype)
-    if channels_last:
-        return out.reshape(weight.shape[0], weight.shape[2], weight.shape[3], weight.shape[1]).permute(0, 3, 1, 2)
-    return out.reshape(weight.shape)
+    return _from_memory_order(out.to(weight.dtype).reshape(in_memory_order.shape), channels_last)
 
 
 # --- many weights at once ------------------------------------------------------------------------------
-def _is_channels_last(weight: torch.Tensor) -> bool:
-    return weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
-
-
-def _memory_order(tensor: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """A channels-last conv weight as its memory holds it, (out, kh, kw, in): the statistics over the fan-in do
-    not depend on the order, so no copy is made and the result keeps the layout the conv wants."""
-    return tensor.permute(0, 2, 3, 1) if channels_last else tensor
-
-
-def _from_memory_order(tensor: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    return tensor.permute(0, 3, 1, 2) if channels_last else tensor
-
-
 class _GroupedStandardize(torch.autograd.Function):
     """Many weights standardized together. The weights go into one flat buffer, ordered so that the filters of
     one formula and fan-in are adjacent rows of one 2-D view (a *group*). The ``timm`` styles run batch_norm's
@@ -412,10 +398,10 @@ class _GroupedStandardize(torch.autograd.Function):
 
 
 class _Group:
-    """Filters of one formula and fan-in: elements ``start:end`` and rows ``row_start:row_end``."""
+    """Filters of one formula and fan-in: elements ``start:end`` of the flat buffer, ``rows`` filters."""
 
-    def __init__(self, start: int, row_start: int, rows: int, fan_in: int, style: str, eps: float) -> None:
-        self.start, self.end, self.row_start, self.row_end = start, start + rows * fan_in, row_start, row_start + rows
+    def __init__(self, start: int, rows: int, fan_in: int, style: str, eps: float) -> None:
+        self.start, self.end = start, start + rows * fan_in
         self.rows, self.fan_in, self.style, self.eps = rows, fan_in, style, eps
         self.scaled = style in GAIN_STYLES
 
@@ -447,10 +433,10 @@ class _Plan:
                 self.families.append(_Family(styles[i], eps[i]))
             if not self.groups or self.groups[-1].fan_in != n or len(self.families[-1].groups) == 0:
                 self.families[-1].groups.append(len(self.groups))
-                self.groups.append(_Group(start, row, rows, n, styles[i], eps[i]))
+                self.groups.append(_Group(start, rows, n, styles[i], eps[i]))
             else:
                 last = self.groups[-1]
-                last.rows, last.end, last.row_end = last.rows + rows, last.end + rows * n, last.row_end + rows
+                last.rows, last.end = last.rows + rows, last.end + rows * n
             const = 1.0
             if styles[i] in GAIN_STYLES:
                 const = gammas[i] * n ** -0.5 if styles[i] == "timm_scaled" else gammas[i]
@@ -486,17 +472,7 @@ def standardize_weights(weights: Sequence[torch.Tensor], styles: Sequence[str], 
     gammas = list(gammas) if gammas is not None else [1.0] * count
     if not (len(styles) == len(eps) == len(gains) == len(gammas) == count):
         raise ValueError("standardize_weights: weights, styles, eps, gains and gammas need one entry per weight")
-    eps = [DEFAULT_EPS[check_style(s)] if e is None else float(e) for s, e in zip(styles, eps, strict=True)]
-    for w, s, e, g, gamma in zip(weights, styles, eps, gains, gammas, strict=True):
-        if w.dim() < 2 or fan_in_of(w) < 2:
-            raise ValueError(f"cannot standardize a weight of shape {tuple(w.shape)}: filters need a fan-in of at "
-                             "least 2")
-        if not e > 0:
-            raise ValueError(f"eps must be > 0 (it keeps constant filters finite), got {e}")
-        if s not in GAIN_STYLES and (g is not None or gamma != 1.0):
-            raise ValueError(f"gain/gamma apply to the styles {GAIN_STYLES}, not to {s!r}")
-        if g is not None and g.numel() != w.shape[0]:
-            raise ValueError(f"gain must have one value per output filter ({w.shape[0]}), got shape {tuple(g.shape)}")
+    eps = [_checked_eps(*args) for args in zip(weights, styles, eps, gains, gammas, strict=True)]
     buckets: Dict[Tuple, List[int]] = {}
     for i, w in enumerate(weights):
         needs_grad = torch.is_grad_enabled() and (w.requires_grad or (gains[i] is not None and gains[i].requires_grad))
@@ -506,8 +482,7 @@ def standardize_weights(weights: Sequence[torch.Tensor], styles: Sequence[str], 
         plan = _Plan([weights[i] for i in members], [styles[i] for i in members], [eps[i] for i in members],
                      [gains[i] for i in members], [gammas[i] for i in members])
         ordered_gains = [gains[members[i]] for i in plan.order if gains[members[i]] is not None]
-        autocast_off = device.type in ("cpu", "cuda") or torch.amp.is_autocast_available(device.type)
-        with torch.autocast(device_type=device.type, enabled=False) if autocast_off else contextlib.nullcontext():
+        with _autocast_off(device.type):
             outs = _GroupedStandardize.apply(plan, *[weights[i] for i in members], *ordered_gains)
         for i, out in zip(members, outs, strict=True):
             results[i] = out
