@@ -245,7 +245,8 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.action == "train":
         metrics = detect_train(args)
-        print(json.dumps(metrics))
+        if _rank0():  # every rank returns the metrics; one copy of them on stdout
+            print(json.dumps(metrics))
     else:
         print(format_ap(detect_eval(args)))
     return 0
@@ -336,7 +337,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.checkpoint = _checkpoint_file(args.checkpoint)
     metrics = finetune(args)
-    print(json.dumps(metrics))
+    if _rank0():  # every rank returns the metrics; one copy of them on stdout
+        print(json.dumps(metrics))
     return 0
 
 
@@ -618,9 +620,15 @@ def _one_line(error: BaseException) -> str:
     return " ".join(line.strip() for line in lines)
 
 
+def _rank0() -> bool:
+    """True in a single process and in torchrun's rank 0 (read from the environment, so it holds before and
+    after the process group exists)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _report(line: str) -> None:
     """Print a one-line outcome; under torchrun only rank 0 does (every rank meets the same input errors)."""
-    if os.environ.get("RANK", "0") == "0":
+    if _rank0():
         print(line, file=sys.stderr)
 
 
@@ -629,7 +637,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     weights) print one line and exit 2; Ctrl-C prints one line and exits 130; a diverged fine-tune exits 1.
     Only a bug prints a traceback."""
     args = build_parser().parse_args(argv)
-    prefix = f"wszoo {args.command}"
+    prefix = " ".join(["wszoo", args.command] + ([args.action] if getattr(args, "action", None) else []))
     try:
         for check in getattr(args, "ranges", None) or []:
             check.check(getattr(args, check.dest))

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from .checkpoint import read_safetensors
 
 __all__ = ["RunDirectory", "RUN_ITEMS", "deferred_interrupts", "check_output", "save_train_state",
-           "load_train_state"]
+           "load_train_state", "TrainingInterrupted", "interruption"]
 
 #: What a run directory holds; nothing else in it is ever touched.
 RUN_ITEMS = ("last", "best", "ema", "train_state.json", "train_state.safetensors", "metrics.jsonl")
@@ -195,3 +195,17 @@ def load_train_state(src: Path, optimizer: torch.optim.Optimizer, scheduler: Any
         raise ValueError(f"--resume {src}: the optimizer state does not fit this model and optimizer ({e})") from e
     scheduler.load_state_dict(meta["scheduler"])
     return meta, others
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C during training; the message says what was saved and how to resume."""
+
+
+def interruption(epoch: int, resumable: Optional[Tuple[Path, int]]) -> TrainingInterrupted:
+    """The error for Ctrl-C during ``epoch``: where the last complete epoch is (``(run_dir, last_epoch)``,
+    ``None`` when no epoch was ever complete) and the command that resumes from it."""
+    if resumable is None:
+        return TrainingInterrupted(f"interrupted during epoch {epoch}; no epoch was complete, nothing is saved")
+    where, done = resumable
+    return TrainingInterrupted(f"interrupted during epoch {epoch}; {where} holds epochs 0..{done}: resume with the "
+                               f"same command and --resume {where}")

@@ -32,7 +32,7 @@ from .factory import create_model
 from .hub import WEIGHTS_NAME, save_pretrained
 from .models.helpers import freeze_stages
 from .optim import adaptive_clip_grad, agc_parameters
-from .run_dir import RunDirectory, check_output, load_train_state, save_train_state
+from .run_dir import RunDirectory, TrainingInterrupted, check_output, interruption, load_train_state, save_train_state
 from .speed import accumulate_ws, tune_cpu_allocator, ws_layers
 
 __all__ = ["finetune", "TrainingDiverged", "TrainingInterrupted"]
@@ -316,10 +316,6 @@ class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN/Inf: the run stops, and the diverged epoch is not saved."""
 
 
-class TrainingInterrupted(RuntimeError):
-    """Ctrl-C during fine-tuning; the message says what was saved and how to resume."""
-
-
 def finetune(args: argparse.Namespace) -> Dict[str, Any]:
     """Run ``wszoo finetune``; returns the final metrics (rank 0's view).
 
@@ -351,12 +347,7 @@ def finetune(args: argparse.Namespace) -> Dict[str, Any]:
                                    replace_all=args.overwrite and epoch == start_epoch)
             resumable = (out.path, epoch)
     except KeyboardInterrupt:
-        if resumable is None:
-            raise TrainingInterrupted(f"interrupted during epoch {epoch}; no epoch was complete, nothing is saved") \
-                from None
-        where, done = resumable
-        raise TrainingInterrupted(f"interrupted during epoch {epoch}; {where} holds epochs 0..{done}: resume with the "
-                                  f"same command and --resume {where}") from None
+        raise interruption(epoch, resumable) from None
     if world > 1:
         dist.barrier()
     return metrics

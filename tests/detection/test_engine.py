@@ -128,6 +128,9 @@ def test_micro_batches_under_torchrun(shapes, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics_lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(metrics_lines) == 1, proc.stdout  # rank 0 prints the final metrics, once
+    assert json.loads(metrics_lines[0])["train_loss"] > 0
     rows = _epochs(out)
     assert [r["epoch"] for r in rows] == [0] and rows[0]["train_loss"] > 0
     # rank 0's random start (seed 0), broadcast by DDP, moved by the steps; every value finite
@@ -139,3 +142,32 @@ def test_micro_batches_under_torchrun(shapes, tmp_path):
     assert all(v.isfinite().all() for v in weights.values())
     assert (weights["roi_heads.box_predictor.cls_score.weight"] - start["roi_heads.box_predictor.cls_score.weight"]
             ).abs().max() > 1e-4
+
+
+def test_ctrl_c_says_which_epochs_are_saved_and_how_to_resume(shapes, tmp_path):
+    """A real ``python -m wszoo detect train`` stopped with SIGINT in its second epoch, then resumed."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    # more images per epoch so that the second epoch lasts long enough to be interrupted in
+    (images, ann), _ = shapes
+    args = ["detect", "train", "--train-images", str(images), "--train-annotations", str(ann), "--output", str(out),
+            *SMALL, "-b", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "wszoo", *args, "--epochs", "3"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    while not (out / "train_state.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert [line for line in err.splitlines() if line.startswith("wszoo")] == [
+        f"wszoo detect train: interrupted during epoch 1; {out} holds epochs 0..0: resume with the same command "
+        f"and --resume {out}"]
+    assert [r["epoch"] for r in _epochs(out)] == [0]
+    assert not any(p.name.startswith(".") for p in out.iterdir()), "no half-written epoch may be left"
+    assert main([*args, "--epochs", "2", "--resume", str(out)]) == 0
+    assert [r["epoch"] for r in _epochs(out)] == [0, 1]

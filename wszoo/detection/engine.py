@@ -28,7 +28,7 @@ from ..checkpoint import load_checkpoint, non_finite_tensors
 from ..distributed import all_reduce_gradients, init_distributed, is_main_process
 from ..evaluate import autocast_context
 from ..files import atomic_path, atomic_write_text
-from ..run_dir import RunDirectory, check_output, load_train_state, save_train_state
+from ..run_dir import RunDirectory, check_output, interruption, load_train_state, save_train_state
 from ..speed import accumulate_ws, ws_layers
 from .coco import CocoDetection, coco_evaluate, collate
 from .detectors import build_detector
@@ -200,16 +200,23 @@ def detect_train(args: argparse.Namespace) -> Dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     use_accumulate_ws = args.accum_steps > 1 and bool(ws_layers(model))
     metrics: Dict[str, Any] = {}
-    for epoch in range(start, args.epochs):
-        metrics = _train_epoch(args, model, train_model, loader, sampler, optimizer, scheduler, scaler, device,
-                               world, epoch, use_accumulate_ws)
-        if val_set is not None and is_main_process():
-            for kind, stats in coco_evaluate(model, val_set, device).items():
-                metrics.update({f"{kind}_{k}": v for k, v in stats.items()})
-        if is_main_process():
-            best = _commit_epoch(out, model, optimizer, scheduler, build_args, args, epoch, metrics, best, history)
-        if world > 1:
-            dist.barrier()
+    # where the last complete epoch is: nowhere yet, or the run being resumed until this one commits
+    epoch, resumable = start, (Path(args.resume), start - 1) if args.resume else None
+    try:
+        for epoch in range(start, args.epochs):
+            metrics = _train_epoch(args, model, train_model, loader, sampler, optimizer, scheduler, scaler, device,
+                                   world, epoch, use_accumulate_ws)
+            if val_set is not None and is_main_process():
+                for kind, stats in coco_evaluate(model, val_set, device).items():
+                    metrics.update({f"{kind}_{k}": v for k, v in stats.items()})
+            if is_main_process():
+                best = _commit_epoch(out, model, optimizer, scheduler, build_args, args, epoch, metrics, best,
+                                     history)
+            if world > 1:
+                dist.barrier()
+            resumable = (out.path, epoch)
+    except KeyboardInterrupt:
+        raise interruption(epoch, resumable) from None
     return metrics
 
 
