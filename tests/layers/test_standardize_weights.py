@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from wszoo.layers import GAIN_STYLES, WS_STYLES, standardize_weight
-from wszoo.layers.standardize import standardize_weights
+from wszoo.layers.standardize import held_by_standardization, standardize_weights
 
 SHAPES = [(8, 4, 3, 3), (16, 4, 3, 3), (6, 36), (6, 5, 1, 1), (4, 5, 1, 1), (5, 2, 3, 3), (3, 3, 3, 3), (7, 1, 3, 3)]
 
@@ -26,6 +26,22 @@ def _mixture(dtype=torch.float64, channels_last=False, seed=0):
                          .requires_grad_() if with_gain else None)
             gammas.append(1.7 if style in GAIN_STYLES else 1.0)
     return weights, styles, gains, gammas
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_held_tensors_are_the_results_the_weight_copy_and_the_statistics(channels_last):
+    """What a grouped standardization keeps for its backward: the results' buffer, a flat copy of the weights
+    and per-row statistics (a few numbers a row), and nothing of tensors it did not make."""
+    weights, styles, gains, gammas = _mixture(channels_last=channels_last)
+    results = standardize_weights(weights, styles, [None] * len(weights), gains, gammas)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in held_by_standardization(results)}
+    weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+    row_bytes = sum(w.shape[0] for w in weights) * weights[0].element_size()
+    assert 2 * weight_bytes <= sum(storages.values()) <= 2 * weight_bytes + 8 * row_bytes
+    assert len({r.untyped_storage().data_ptr() for r in results}) == 1  # views of one buffer
+    plain = torch.randn(3, 4)
+    assert held_by_standardization([plain]) == [plain]
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

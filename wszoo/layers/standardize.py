@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["WS_STYLES", "SCALED_STYLES", "GAIN_STYLES", "DEFAULT_EPS", "standardize_weight", "standardize_weights",
+           "held_by_standardization",
            "check_style", "fan_in_of"]
 
 
@@ -487,3 +488,22 @@ def standardize_weights(weights: Sequence[torch.Tensor], styles: Sequence[str], 
         for i, out in zip(members, outs, strict=True):
             results[i] = out
     return results  # type: ignore[return-value]
+
+
+def held_by_standardization(results: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """The tensors that results of :func:`standardize_weights` keep alive: the results themselves and what their
+    autograd nodes hold for backward (the flat copy of the weights, the per-row statistics). What grouping
+    costs in memory; tensors of other origins are returned as they are."""
+    held: List[torch.Tensor] = []
+    nodes = {}
+    for result in results:
+        held.append(result)
+        node = result.grad_fn
+        while node is not None and not hasattr(node, "buffers") and node.next_functions:
+            node = node.next_functions[0][0]  # a view of the node's output (channels-last results)
+        if node is not None and hasattr(node, "buffers"):
+            nodes[id(node)] = node
+    for node in nodes.values():
+        rows, saved = node.buffers
+        held += list(rows) + [t for group in saved for t in group if isinstance(t, torch.Tensor)]
+    return held

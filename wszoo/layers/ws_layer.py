@@ -13,7 +13,14 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .standardize import DEFAULT_EPS, check_style, fan_in_of, standardize_weight, standardize_weights
+from .standardize import (
+    DEFAULT_EPS,
+    check_style,
+    fan_in_of,
+    held_by_standardization,
+    standardize_weight,
+    standardize_weights,
+)
 
 __all__ = ["WSLayer", "LayerGroup", "is_ws_layer", "is_groupable", "standardize_layers"]
 
@@ -286,18 +293,9 @@ class LayerGroup:
     def held_tensors(self) -> List[torch.Tensor]:
         """The tensors the group's last standardization keeps alive for its backward and results (the flat
         copy of the weights, per-row statistics, the results' buffer): what it costs in memory."""
-        held: List[torch.Tensor] = []
-        for member in self.layers:
-            grouped = member.__dict__.get("_ws_grouped")
-            if grouped is None:
-                continue
-            held.append(grouped[1])
-            node = grouped[1].grad_fn
-            buffers = getattr(node, "buffers", None)
-            if buffers is not None:  # (rows, per-group statistics), as _GroupedStandardize keeps them
-                rows, stats = buffers
-                held += list(rows) + [t for group in stats for t in group if isinstance(t, torch.Tensor)]
-        return held
+        # (held until the next standardization replaces them, whether or not the weights changed since)
+        results = [grouped[1] for member in self.layers if (grouped := member.__dict__.get("_ws_grouped"))]
+        return held_by_standardization(results)
 
     def standardize(self) -> None:
         """Standardize every member now and record the results."""
