@@ -32,7 +32,11 @@ FAMILIES = {
     "resnetv2_50x1_bit": lambda: shallow(wszoo.models.ResNetV2, "resnetv2_50x1_bit", (1, 1, 1, 1)),
     "nf_regnet_b0": lambda: wszoo.create_model("nf_regnet_b0", depths=(1, 1, 1, 1)),
     "dm_nfnet_f0": lambda: wszoo.create_model("dm_nfnet_f0", **TINY_DM),  # TF-'SAME' padding, gamma in the act
+    # a WS CNN under timm's VisionTransformer: a fixed token grid (the position embedding is laid out for it)
+    "vit_tiny_r_s16_p8_224": lambda: wszoo.create_model("vit_tiny_r_s16_p8_224", img_size=64, depth=2),
 }
+# fixed-size exports: TF-'SAME' padding computed from the input size (see wszoo.export), a ViT's token grid
+FIXED_SIZE = ("dm_", "vit_")
 
 
 def model_of(name):
@@ -54,7 +58,7 @@ def rel(a, b):
 def test_onnx_export_runs_in_onnxruntime_and_is_inference_clean(name, tmp_path):
     model = model_of(name).eval()
     size = 28 if "mini" in name else 64
-    dynamic_size = not name.startswith("dm_")  # TF-'SAME' padding: a fixed size (see wszoo.export)
+    dynamic_size = not name.startswith(FIXED_SIZE)
     report = export(model, tmp_path / "m.onnx", img_size=[size], dynamic_batch=True, dynamic_size=dynamic_size)
     assert report.max_rel_diff <= 1e-4 and report.opset == 21
     assert {"random_batch1", "random_batch3"} <= set(report.checks)
@@ -190,9 +194,10 @@ def test_missing_onnxruntime_names_the_extra(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet50_gn_ws", "resnetv2_50x1_bit", "nf_resnet50", "dm_nfnet_f0", "eca_nfnet_l0"])
+@pytest.mark.parametrize("name", ["resnet50_gn_ws", "resnetv2_50x1_bit", "nf_resnet50", "dm_nfnet_f0", "eca_nfnet_l0",
+                                  "vit_small_r26_s32_224"])
 def test_full_size_models_export_and_verify(name, tmp_path):
     model = randomize_(wszoo.create_model(name)).eval()
-    dynamic_size = not name.startswith("dm_")
+    dynamic_size = not name.startswith(FIXED_SIZE)
     report = export(model, tmp_path / "m.onnx", dynamic_batch=True, dynamic_size=dynamic_size)
     assert report.max_rel_diff <= 1e-4 and inference_problems(report.path) == []

@@ -14,13 +14,14 @@ def test_list_models_and_filters():
     assert wszoo.list_models("resnet*")[:7] == ["resnet50_gn_ws", "resnet101_gn_ws", "resnet_mini_bcn_ws",
                                                 "resnet_mini_bn",
                                                 "resnet_mini_gn", "resnet_mini_gn_ws", "resnetv2_50x1_bit"]
-    assert len(names) == 10 + 35 + 4
+    assert len(names) == 10 + 35 + 4 + 8  # GN+WS ResNets, NF nets, BiT, ViT hybrids
     assert wszoo.list_models("resnext*") == ["resnext50_32x4d_gn_ws", "resnext101_32x4d_gn_ws"]
     assert wszoo.list_models(["*50x1*", "resnet101*"]) == ["resnet101_gn_ws", "resnetv2_50x1_bit"]
     assert wszoo.list_models("nothing*") == []
 
 
-TIMM_TAGS = [n for n in timm.list_pretrained(["resnetv2_*_bit*", "*nfnet*", "nf_*"])
+HYBRIDS = ["vit_tiny_r_s16_p8_*", "vit_small_r26_s32_*", "vit_base_r50_s16_*", "vit_large_r50_s32_*"]
+TIMM_TAGS = [n for n in timm.list_pretrained(["resnetv2_*_bit*", "*nfnet*", "nf_*", *HYBRIDS])
              if n.split(".")[0] != "test_nfnet" and timm.models.get_pretrained_cfg(n).hf_hub_id]
 
 

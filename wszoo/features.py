@@ -4,7 +4,8 @@
 ``'dict'`` (``FeatureDictNet``), ``'hook'`` (``FeatureHookNet``, forward hooks on the tapped modules),
 ``'fx'`` (``FeatureGraphNet``, an FX graph cut at the taps; scriptable) or ``'getter'``
 (:class:`FeatureGetter`, the model's own ``forward_intermediates``, pruned to the deepest level asked for).
-Each family says how its modules must be walked (``feature_wrap_cfg``, e.g. flattening Sequential stages).
+Each family says how its modules must be walked (``feature_wrap_cfg``, e.g. flattening Sequential stages); a
+family with ``feature_backbone()`` (the ViT hybrids) is wrapped through that part of itself (their CNN).
 """
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -57,16 +58,18 @@ def wrap_features(model: nn.Module, out_indices: Optional[Sequence[int]] = None,
         if feature_cls.lower() not in FEATURE_CLASSES:
             raise ValueError(f"unknown feature_cls {feature_cls!r}; choose one of {', '.join(FEATURE_CLASSES)}")
         feature_cls = FEATURE_CLASSES[feature_cls.lower()]
-    levels = len(model.feature_info)
+    # a family may offer a part of itself as the feature extractor (a hybrid ViT: its CNN)
+    source = model.feature_backbone() if hasattr(model, "feature_backbone") else model
+    levels = len(source.feature_info)
     indices = tuple(out_indices) if out_indices is not None else tuple(range(levels))
     bad = [i for i in indices if not -levels <= i < levels]
     if bad:
         raise ValueError(f"out_indices {bad} out of range: {model.pretrained_cfg['architecture']} has {levels} "
                          "feature levels")
     if isinstance(feature_cls, type) and issubclass(feature_cls, _WALKING):
-        cfg = {**getattr(model, "feature_wrap_cfg", {}), **cfg}
+        cfg = {**getattr(source, "feature_wrap_cfg", {}), **cfg}
     pretrained_cfg, model_args = model.pretrained_cfg, model.model_args
-    features = feature_cls(model, out_indices=indices, **cfg)
+    features = feature_cls(source, out_indices=indices, **cfg)
     features.pretrained_cfg = features.default_cfg = pretrained_cfg
     features.model_args = model_args
     return features

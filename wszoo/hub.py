@@ -166,6 +166,8 @@ def _pretrained_state_dict(cfg: Mapping[str, Any], model: nn.Module) -> Tuple[Di
 def _fit_to_model(model: nn.Module, cfg: Mapping[str, Any], state_dict: Dict[str, torch.Tensor],
                   source: str) -> Dict[str, torch.Tensor]:
     """Adapt a published state dict to ``model``'s classes and input channels, then check it in full."""
+    if hasattr(model, "adapt_state_dict"):  # the family's own layout changes (e.g. a ViT's position grid)
+        state_dict = model.adapt_state_dict(state_dict)
     model_sd = model.state_dict()
     first_conv = f"{cfg.get('first_conv')}.weight"
     if first_conv in state_dict and first_conv in model_sd and \

@@ -321,3 +321,18 @@ def test_cwn_eval_cache_follows_the_scale_and_bad_norm_is_refused():
         torch.testing.assert_close(conv(x), 2 * before)
     with pytest.raises(ValueError, match="norm must be > 0"):
         CWNConv2d(4, 6, 3, norm=0.0)
+
+
+@pytest.mark.parametrize("size", [(15, 16), (56, 57), (7, 7)])
+def test_max_pool_same_matches_timm_and_traces(size):
+    """The hybrids' stem pool against timm's MaxPool2dSame (TF 'SAME', -inf padding), odd and even sizes; under
+    torch.fx the padding is one leaf call, so the traced pool works at any input size."""
+    from timm.layers.pool2d_same import MaxPool2dSame as TimmMaxPool2dSame
+
+    from wszoo.layers import MaxPool2dSame
+
+    x = torch.randn(2, 3, *size) - 5.0  # all negative: a zero padding would show up in the maxima
+    ours, ref = MaxPool2dSame(3, 2), TimmMaxPool2dSame(3, 2)
+    assert torch.equal(ours(x), ref(x))
+    traced = torch.fx.symbolic_trace(ours)
+    assert torch.equal(traced(x), ref(x)) and torch.equal(traced(x[..., :-1, :]), ref(x[..., :-1, :]))

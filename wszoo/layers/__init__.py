@@ -32,7 +32,16 @@ from .standardize import (
     standardize_weight,
     standardize_weights,
 )
-from .ws_conv import CWNConv2d, CWNLinear, ScaledWSConv2d, ScaledWSConv2dSame, WSConv2d, WSConv2dSame, WSLinear
+from .ws_conv import (
+    CWNConv2d,
+    CWNLinear,
+    MaxPool2dSame,
+    ScaledWSConv2d,
+    ScaledWSConv2dSame,
+    WSConv2d,
+    WSConv2dSame,
+    WSLinear,
+)
 from .ws_conv_nd import ScaledWSConv1d, ScaledWSConv3d, WSConv1d, WSConv3d, WSConvTranspose2d
 from .ws_layer import LayerGroup, WSLayer, is_groupable, is_ws_layer, standardize_layers
 
@@ -46,5 +55,5 @@ __all__ = [
     "get_act_layer", "is_ws_layer", "p4_filter_bank", "replace_modules", "rotate_p4", "standardize_weight",
     "standardize_weights", "standardize_layers", "LayerGroup", "is_groupable", "WSConv1d", "WSConv3d",
     "ScaledWSConv1d", "ScaledWSConv3d", "WSConvTranspose2d", "AffineWS", "AffineWSConv1d", "AffineWSConv2d",
-    "AffineWSConv2dSame", "AffineWSConv3d", "AffineWSLinear",
+    "AffineWSConv2dSame", "AffineWSConv3d", "AffineWSLinear", "MaxPool2dSame",
 ]

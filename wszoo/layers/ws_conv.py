@@ -15,7 +15,8 @@ from timm.layers.padding import get_padding, get_padding_value, pad_same
 from .standardize import SCALED_STYLES
 from .ws_layer import WSLayer
 
-__all__ = ["WSConv2d", "WSConv2dSame", "WSLinear", "ScaledWSConv2d", "ScaledWSConv2dSame", "CWNConv2d", "CWNLinear"]
+__all__ = ["MaxPool2dSame", "WSConv2d", "WSConv2dSame", "WSLinear", "ScaledWSConv2d", "ScaledWSConv2dSame", "CWNConv2d",
+           "CWNLinear"]
 
 # TF 'SAME' padding depends on the input size: one FX leaf call, computed on the real input when the graph runs
 torch.fx.wrap("pad_same")
@@ -91,6 +92,18 @@ class _TFSamePadding:
         plain = Conv2dSame(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
                            dilation=self.dilation, groups=self.groups, bias=False, device="meta")
         return self.folded_params_into(plain)  # type: ignore[attr-defined]
+
+
+class MaxPool2dSame(nn.MaxPool2d):
+    """Max pooling with TensorFlow 'SAME' padding (padded with -inf, computed from the input size): the stem
+    pool of TF/JAX-trained WS networks (the ViT hybrids). The padding is the same FX leaf as the WS convs'."""
+
+    def __init__(self, kernel_size: int, stride: int) -> None:
+        super().__init__((kernel_size, kernel_size), (stride, stride), (0, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = pad_same(x, self.kernel_size, self.stride, (1, 1), value=-float("inf"))
+        return F.max_pool2d(x, self.kernel_size, self.stride, (0, 0), 1)
 
 
 class WSConv2dSame(_TFSamePadding, WSConv2d):
