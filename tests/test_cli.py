@@ -11,7 +11,7 @@ from wszoo.cli import main
 def test_list(capsys):
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.split()
-    assert lines[0] == "dm_nfnet_f0" and "resnetv2_152x4_bit" in lines and len(lines) == 49
+    assert lines[0] == "dm_nfnet_f0" and "resnetv2_152x4_bit" in lines and len(lines) == 57
 
 
 def test_list_pretrained_filtered(capsys):
@@ -20,8 +20,8 @@ def test_list_pretrained_filtered(capsys):
 
 
 def test_list_no_match(capsys):
-    assert main(["list", "vit*"]) == 1
-    assert "no model matches 'vit*'" in capsys.readouterr().err
+    assert main(["list", "swin*"]) == 1
+    assert "no model matches 'swin*'" in capsys.readouterr().err
 
 
 def test_info_json_with_forward(capsys):
@@ -30,6 +30,11 @@ def test_info_json_with_forward(capsys):
     assert info["param_count"] == 23_522_375
     assert info["forward"]["output_shape"] == [1, 7]
     assert info["pretrained_cfg"]["input_size"] == [3, 224, 224]
+
+
+def test_info_forward_of_a_hybrid_at_another_size(capsys):
+    assert main(["info", "vit_tiny_r_s16_p8_224", "--forward", "--img-size", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["forward"]["output_shape"] == [1, 1000]
 
 
 def test_info_unknown_model(capsys):
@@ -46,9 +51,10 @@ def test_info_bad_checkpoint(capsys, tmp_path):
 def test_demo_runs_every_family(capsys):
     assert main(["demo", "--img-size", "32"]) == 0
     out = capsys.readouterr().out
-    assert "49 registered models" in out
+    assert "57 registered models" in out
     assert "resnet_gn_ws: resnext50_32x4d_gn_ws" in out and "resnetv2_bit: resnetv2_50x1_bit" in out
     assert "nfnet: nf_regnet_b0" in out and "resnet_mini: resnet_mini_bn" in out
+    assert "vit_hybrid: vit_tiny_r_s16_p8_224 (6.3M params) input [1, 3, 224, 224]" in out  # its fixed grid
 
 
 def test_python_dash_m():

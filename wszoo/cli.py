@@ -111,7 +111,10 @@ def _forward_report(model: torch.nn.Module, img_size: Sequence[int], batch_size:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     """Print one model's parameters, preprocessing and feature levels (and time a forward pass)."""
-    model = create_model(args.model, num_classes=args.num_classes, checkpoint_path=args.checkpoint)
+    fixed = registry.get_pretrained_cfg(args.model).get("fixed_input_size") \
+        if not args.model.startswith(("hf-hub:", "local-dir:")) else False
+    kwargs = {"img_size": args.img_size} if fixed and args.forward and args.img_size else {}  # a ViT's token grid
+    model = create_model(args.model, num_classes=args.num_classes, checkpoint_path=args.checkpoint, **kwargs)
     cfg = model.pretrained_cfg
     info = {
         "model": args.model,
@@ -158,7 +161,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     for family, name in sorted(families.items()):
         model = create_model(name)
-        size = args.img_size if model.in_chans == 3 else model.pretrained_cfg["input_size"][-1]
+        fixed = model.in_chans != 3 or model.pretrained_cfg.get("fixed_input_size")  # (a ViT's token grid)
+        size = model.pretrained_cfg["input_size"][-1] if fixed else args.img_size
         report = _forward_report(model, [model.in_chans, size, size], 1)
         print(
             f"{family}: {name} ({_count_params(model) / 1e6:.1f}M params) "
