@@ -69,6 +69,26 @@ def run_cli(argv, cwd=None):
         return os.waitstatus_to_exitcode(status), out.read().decode(), err.read().decode()
 
 
+def interrupt_second_epoch(argv, out, cwd):
+    """Run ``python -m wszoo ARGV`` as a user does, wait until its first epoch is committed to ``out`` (a run
+    directory), then press Ctrl-C (SIGINT) during the second. Returns ``(returncode, stderr)``."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "wszoo", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    while not (out / "train_state.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
 def tree_snapshot(root):
     """Every file under ``root`` with its size and content hash: compare two snapshots to prove a command
     changed nothing (and left nothing half-written)."""

@@ -229,25 +229,13 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_epoch(eight_images, tmp_p
 
 def test_ctrl_c_is_one_line_and_the_run_resumes_cleanly(tmp_path):
     """A real `python -m wszoo finetune` stopped with SIGINT in its second epoch."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+    from tests.helpers import interrupt_second_epoch
 
     data = make_fashion_mnist(tmp_path / "fm", n_train=1500, n_test=8)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "wszoo", *_tiny_run_args(data, out, "--epochs", "3")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 240
-    while not (out / "train_state.json").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    returncode, err = interrupt_second_epoch(_tiny_run_args(data, out, "--epochs", "3"), out, REPO)
     errors = [line for line in err.splitlines() if line.startswith("wszoo")]
-    assert proc.returncode == 130, err[-2000:]
+    assert returncode == 130, err[-2000:]
     assert "Traceback" not in err and errors == [
         f"wszoo finetune: interrupted during epoch 1; {out} holds epochs 0..0: resume with the same command and "
         f"--resume {out}"]

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.data_fixtures import make_coco_shapes
-from tests.helpers import run_cli, tree_snapshot
+from tests.helpers import interrupt_second_epoch, run_cli, tree_snapshot
 from wszoo.cli import main
 from wszoo.detection import build_detector
 
@@ -146,23 +146,13 @@ def test_micro_batches_under_torchrun(shapes, tmp_path):
 
 def test_ctrl_c_says_which_epochs_are_saved_and_how_to_resume(shapes, tmp_path):
     """A real ``python -m wszoo detect train`` stopped with SIGINT in its second epoch, then resumed."""
-    import signal
-    import time
-
     out = tmp_path / "run"
-    # more images per epoch so that the second epoch lasts long enough to be interrupted in
     (images, ann), _ = shapes
+    # batches of 1 image: 32 steps an epoch, so that the second one lasts long enough to be interrupted in
     args = ["detect", "train", "--train-images", str(images), "--train-annotations", str(ann), "--output", str(out),
             *SMALL, "-b", "1"]
-    proc = subprocess.Popen([sys.executable, "-m", "wszoo", *args, "--epochs", "3"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 240
-    while not (out / "train_state.json").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    returncode, err = interrupt_second_epoch([*args, "--epochs", "3"], out, REPO)
+    assert returncode == 130, err[-2000:]
     assert "Traceback" not in err, err[-3000:]
     assert [line for line in err.splitlines() if line.startswith("wszoo")] == [
         f"wszoo detect train: interrupted during epoch 1; {out} holds epochs 0..0: resume with the same command "

@@ -494,15 +494,9 @@ def held_by_standardization(results: Sequence[torch.Tensor]) -> List[torch.Tenso
     """The tensors that results of :func:`standardize_weights` keep alive: the results themselves and what their
     autograd nodes hold for backward (the flat copy of the weights, the per-row statistics). What grouping
     costs in memory; tensors of other origins are returned as they are."""
-    held: List[torch.Tensor] = []
-    nodes = {}
-    for result in results:
-        held.append(result)
-        node = result.grad_fn
-        while node is not None and not hasattr(node, "buffers") and node.next_functions:
-            node = node.next_functions[0][0]  # a view of the node's output (channels-last results)
-        if node is not None and hasattr(node, "buffers"):
-            nodes[id(node)] = node
+    held: List[torch.Tensor] = list(results)
+    # each result's grad_fn is its bucket's node (channels-last results too: the node returns them as they are)
+    nodes = {id(r.grad_fn): r.grad_fn for r in results if hasattr(r.grad_fn, "buffers")}
     for node in nodes.values():
         rows, saved = node.buffers
         held += list(rows) + [t for group in saved for t in group if isinstance(t, torch.Tensor)]

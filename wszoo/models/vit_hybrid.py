@@ -102,15 +102,6 @@ class _CnnFeatures(IntermediatesApi):
     """The CNN's side of the feature API (its own ``forward_intermediates`` for ``feature_cls='getter'``); it has
     no classifier, so pruning only drops layers."""
 
-    def _stem_and_tap(self) -> Tuple[List[nn.Module], int]:
-        raise NotImplementedError
-
-    def _stem_parts(self) -> Tuple[List[nn.Module], int]:
-        return self._stem_and_tap()
-
-    def _last_stage_output(self, x: torch.Tensor, norm: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        return x, x
-
     @torch.jit.ignore
     def reset_classifier(self, num_classes: int = 0, global_pool: Optional[str] = None) -> None:
         if num_classes:
@@ -121,8 +112,6 @@ class HybridStem(_CnnFeatures, nn.Sequential):
     """The tiny hybrid's whole CNN: the stem alone (``patch_embed.backbone.conv``/``.norm``, stride 4), whose
     map is cut into 8x8 patches."""
 
-    feature_wrap_cfg: Dict[str, Any] = {}
-
     def __init__(self, in_chans: int, out_chs: int, conv_layer: Callable[..., nn.Module],
                  norm_layer: Callable[..., nn.Module]) -> None:
         super().__init__(_stem_layers(in_chans, out_chs, conv_layer, norm_layer))
@@ -130,7 +119,7 @@ class HybridStem(_CnnFeatures, nn.Sequential):
         self.feature_info = [dict(num_chs=out_chs, reduction=2, module="norm")]
         init_conv_and_norm(self)
 
-    def _stem_and_tap(self) -> Tuple[List[nn.Module], int]:
+    def _stem_parts(self) -> Tuple[List[nn.Module], int]:
         return list(self), 1
 
     def _stage_list(self) -> List[nn.Module]:
@@ -149,7 +138,6 @@ class HybridResNet(_CnnFeatures, nn.Module):
     def __init__(self, layers: Sequence[int], in_chans: int, conv_layer: Callable[..., nn.Module],
                  norm_layer: Callable[..., nn.Module]) -> None:
         super().__init__()
-        self.grad_checkpointing = False
         self.stem = nn.Sequential(_stem_layers(in_chans, 64, conv_layer, norm_layer))
         self.feature_info = [dict(num_chs=64, reduction=2, module="stem.norm")]
         prev_chs, reduction = 64, 4
@@ -167,7 +155,7 @@ class HybridResNet(_CnnFeatures, nn.Module):
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
-    def _stem_and_tap(self) -> Tuple[List[nn.Module], int]:
+    def _stem_parts(self) -> Tuple[List[nn.Module], int]:
         return list(self.stem), 1
 
     def _stage_list(self) -> List[nn.Module]:
