@@ -59,7 +59,7 @@ def _ranged(p: argparse.ArgumentParser, *flags: str, low: Optional[float] = None
     """``p.add_argument`` plus a valid range, checked by :func:`main` before the command runs."""
     action = p.add_argument(*flags, **kwargs)
     ranges = list(p.get_default("ranges") or [])
-    ranges.append(_Range(flags[-1] if flags[-1].startswith("--") else flags[0], action.dest, low, high,
+    ranges.append(_Range(next((f for f in flags if f.startswith("--")), flags[0]), action.dest, low, high,
                          low_open, high_open))
     p.set_defaults(ranges=ranges)
 
@@ -177,8 +177,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     overrides = {}
     if args.ws_style:
         overrides["ws_style"] = args.ws_style
-    if args.std_conv_eps is not None:
-        overrides["std_conv_eps"] = args.std_conv_eps
+    if args.ws_eps is not None:
+        overrides["ws_eps"] = args.ws_eps
     if args.num_classes is not None:
         overrides["num_classes"] = args.num_classes
     convert = convert_deepmind_nfnet if args.source == "deepmind-nfnet" else convert_torch_checkpoint
@@ -506,8 +506,9 @@ def _add_convert_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output")
     _count_arg(p, "--num-classes", least=0, default=None)
     p.add_argument("--ws-style", default=None,
-                   help="standardization formula of the built model (deepmind + --std-conv-eps 1e-4 = Haiku's)")
-    _ranged(p, "--std-conv-eps", type=float, default=None, low=0, low_open=True)
+                   help="standardization formula of the built model (deepmind + --ws-eps 1e-4 = Haiku's)")
+    _ranged(p, "--ws-eps", "--std-conv-eps", type=float, default=None, low=0, low_open=True,
+            help="the standardization's eps (timm's name: --std-conv-eps)")
     p.set_defaults(func=_cmd_convert)
 
 

@@ -127,7 +127,7 @@ def convert_deepmind_nfnet(src: str, model_name: str, out: Optional[str] = None,
                            **model_kwargs) -> nn.Module:
     """Convert an official ``F{i}_haiku.npz`` into ``model_name`` (e.g. ``dm_nfnet_f0``) and optionally save
     it (see :func:`save_converted`; an existing ``out`` only with ``force``). For DeepMind's exact numerics
-    pass ``ws_style='deepmind', std_conv_eps=1e-4``."""
+    pass ``ws_style='deepmind', ws_eps=1e-4``."""
     if out is not None:
         check_output(out, force)
     model = create_model(model_name, **model_kwargs)

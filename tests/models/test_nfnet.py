@@ -87,8 +87,13 @@ def test_deepmind_models_use_same_padding_gamma_in_act_and_skipinit():
 
 
 def test_config_overrides_and_errors():
-    model = wszoo.create_model("nf_resnet26", act_layer="silu", std_conv_eps=1e-4)
+    model = wszoo.create_model("nf_resnet26", act_layer="silu", ws_eps=1e-4)
     assert model.cfg.act_layer == "silu" and model.stem.conv.ws_eps == 1e-4
+    # every family takes ws_eps; timm's name for it is read the same (older saved configs carry it)
+    timm_named = wszoo.create_model("nf_regnet_b0", std_conv_eps=1e-3)
+    assert {m.ws_eps for m in timm_named.modules() if hasattr(m, "ws_eps")} == {1e-3}
+    with pytest.raises(ValueError, match="not both"):
+        wszoo.create_model("nf_regnet_b0", ws_eps=1e-3, std_conv_eps=1e-3)
     with pytest.raises(ValueError, match="no gamma constant for activation 'mish'"):
         wszoo.create_model("nf_resnet26", act_layer="mish")
     with pytest.raises(TypeError):

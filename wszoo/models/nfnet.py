@@ -65,8 +65,8 @@ class NFNetConfig:
     extra_conv: bool = False  # NFNet's second 3x3 conv
     gamma_in_act: bool = False  # DeepMind: gamma * act(x); timm: gamma folded into the conv scale
     same_padding: bool = False  # TF 'SAME' padding (DeepMind checkpoints)
-    std_conv_eps: float = 1e-5
-    ws_style: str = "timm_scaled"  # 'deepmind' (with std_conv_eps=1e-4) reproduces the Haiku numerics exactly
+    ws_eps: float = 1e-5  # timm calls it std_conv_eps
+    ws_style: str = "timm_scaled"  # 'deepmind' (with ws_eps=1e-4) reproduces the Haiku numerics exactly
     skipinit: bool = False
     act_layer: str = "silu"
 
@@ -189,7 +189,8 @@ class NormFreeNet(IntermediatesApi, ClassifierHeadApi, nn.Module):
         cfg: the architecture.
         num_classes, in_chans, global_pool, drop_rate, drop_path_rate: as every wszoo model.
         output_stride: 32, or 16/8 to dilate the last stages.
-        **overrides: any :class:`NFNetConfig` field (e.g. ``act_layer='relu'``, ``std_conv_eps=1e-4``).
+        **overrides: any :class:`NFNetConfig` field (e.g. ``act_layer='relu'``, ``ws_eps=1e-4``);
+            timm's name ``std_conv_eps`` is read as ``ws_eps`` (older saved configs use it).
     """
 
     # features_only: the taps sit inside Sequential containers ('stem.conv3', 'stages.0'), which must be flattened
@@ -208,6 +209,10 @@ class NormFreeNet(IntermediatesApi, ClassifierHeadApi, nn.Module):
     ) -> None:
         super().__init__()
         check_global_pool(global_pool, num_classes)  # before anything is built
+        if "std_conv_eps" in overrides:
+            if "ws_eps" in overrides:
+                raise ValueError("pass ws_eps or std_conv_eps (its timm name), not both")
+            overrides["ws_eps"] = overrides.pop("std_conv_eps")
         cfg = replace(cfg, **overrides)
         if cfg.act_layer not in NONLIN_GAMMA:
             raise ValueError(f"no gamma constant for activation {cfg.act_layer!r}; known: {', '.join(NONLIN_GAMMA)}")
@@ -219,10 +224,10 @@ class NormFreeNet(IntermediatesApi, ClassifierHeadApi, nn.Module):
         conv_cls = ScaledWSConv2dSame if cfg.same_padding else ScaledWSConv2d
         if cfg.gamma_in_act:  # DeepMind: gamma in the activation
             act_layer: Callable[..., nn.Module] = act_with_gamma(cfg.act_layer, gamma)
-            conv_layer = partial(conv_cls, eps=cfg.std_conv_eps, style=cfg.ws_style)
+            conv_layer = partial(conv_cls, eps=cfg.ws_eps, style=cfg.ws_style)
         else:  # timm: gamma folded into every conv's scale
             act_layer = partial(create_act, cfg.act_layer)
-            conv_layer = partial(conv_cls, gamma=gamma, eps=cfg.std_conv_eps, style=cfg.ws_style)
+            conv_layer = partial(conv_cls, gamma=gamma, eps=cfg.ws_eps, style=cfg.ws_style)
         attn = partial(create_attn, cfg.attn_layer, **cfg.attn_kwargs) if cfg.attn_layer else None
 
         stem_chs = make_divisible((cfg.stem_chs or cfg.channels[0]) * cfg.width_factor, cfg.ch_div)
