@@ -22,7 +22,7 @@ import torch
 
 import wszoo
 from wszoo.bench import count_dispatches, time_interleaved, train_step_fn
-from wszoo.layers.ws_layer import standardize_layers
+from wszoo.layers.grouped import standardize_layers
 from wszoo.speed import ws_layers
 
 

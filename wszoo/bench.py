@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from . import registry
 from .factory import create_model
 from .files import atomic_write_text
-from .layers.ws_layer import standardize_layers
+from .layers.grouped import standardize_layers
 from .speed import accumulate_ws, fold_ws, group_ws, tune_cpu_allocator, ws_layers
 
 __all__ = ["benchmark_model", "benchmark_detector", "run_benchmarks", "format_report", "write_report",

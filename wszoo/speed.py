@@ -19,8 +19,9 @@ from typing import Iterator, List, Tuple, Union
 import torch
 import torch.nn as nn
 
+from .layers.grouped import LayerGroup, is_groupable, standardize_layers
 from .layers.retrofit import replace_modules
-from .layers.ws_layer import LayerGroup, WSLayer, is_groupable, is_ws_layer, standardize_layers
+from .layers.ws_layer import WSLayer, is_ws_layer
 
 __all__ = ["fold_ws", "accumulate_ws", "group_ws", "is_grouped", "ws_layers", "tune_cpu_allocator"]
 
@@ -92,8 +93,8 @@ def group_ws(model: nn.Module, enabled: Union[bool, str] = True) -> nn.Module:
     """Standardize all WS layers of ``model`` together in training. ``enabled``: ``True`` on every device;
     ``'auto'`` (what :func:`wszoo.create_model` and the detection builders set) on GPUs and other accelerators,
     where per-layer standardization is bound by kernel launches, but layer by layer on the CPU, where the
-    grouped path's extra copies make it no faster (``wszoo bench``: a training step 0.98-1.04x the per-layer
-    one); ``False`` layer by layer everywhere.
+    grouped path's extra copies make it no faster (measured by ``wszoo bench``, see docs/measurements.md);
+    ``False`` layer by layer everywhere.
 
     The layers join one :class:`wszoo.layers.LayerGroup`: the first training forward after any weight
     changed standardizes every layer's weight in one grouped computation (:func:`wszoo.layers.standardize_weights`:
@@ -110,7 +111,7 @@ def group_ws(model: nn.Module, enabled: Union[bool, str] = True) -> nn.Module:
     if enabled not in (True, False, "auto"):
         raise ValueError(f"group_ws: enabled must be True, False or 'auto', got {enabled!r}")
     layers = [layer for _, layer in ws_layers(model) if is_groupable(layer)]
-    group = LayerGroup(layers, on_cpu=enabled is True) if enabled and layers else None
+    group = LayerGroup(layers, devices="all" if enabled is True else "accelerators") if enabled and layers else None
     for layer in layers:
         layer.join_group(group)
     return model

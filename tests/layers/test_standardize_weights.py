@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from wszoo.layers import GAIN_STYLES, WS_STYLES, standardize_weight
-from wszoo.layers.standardize import held_by_standardization, standardize_weights
+from wszoo.layers.grouped import held_by_standardization, standardize_weights
 
 SHAPES = [(8, 4, 3, 3), (16, 4, 3, 3), (6, 36), (6, 5, 1, 1), (4, 5, 1, 1), (5, 2, 3, 3), (3, 3, 3, 3), (7, 1, 3, 3)]
 

@@ -12,6 +12,7 @@ from .affine_ws import (
 )
 from .attention import EcaModule, SEModule, create_attn
 from .bcn import BatchChannelNorm2d, EstimatedBatchNorm2d
+from .grouped import LayerGroup, held_by_standardization, is_groupable, standardize_layers, standardize_weights
 from .norm_act import ACT_LAYERS, GroupNormAct, create_act, get_act_layer
 from .p4 import P4Conv2d, P4OrientationPool, P4WSConv2d, p4_filter_bank, rotate_p4
 from .retrofit import (
@@ -30,7 +31,6 @@ from .standardize import (
     check_style,
     fan_in_of,
     standardize_weight,
-    standardize_weights,
 )
 from .ws_conv import (
     CWNConv2d,
@@ -43,7 +43,7 @@ from .ws_conv import (
     WSLinear,
 )
 from .ws_conv_nd import ScaledWSConv1d, ScaledWSConv3d, WSConv1d, WSConv3d, WSConvTranspose2d
-from .ws_layer import LayerGroup, WSLayer, is_groupable, is_ws_layer, standardize_layers
+from .ws_layer import WSLayer, is_ws_layer
 
 __all__ = [
     "ACT_LAYERS", "BatchChannelNorm2d", "CWNConv2d", "CWNLinear", "ConversionReport", "DEFAULT_EPS", "EcaModule",
@@ -55,5 +55,5 @@ __all__ = [
     "get_act_layer", "is_ws_layer", "p4_filter_bank", "replace_modules", "rotate_p4", "standardize_weight",
     "standardize_weights", "standardize_layers", "LayerGroup", "is_groupable", "WSConv1d", "WSConv3d",
     "ScaledWSConv1d", "ScaledWSConv3d", "WSConvTranspose2d", "AffineWS", "AffineWSConv1d", "AffineWSConv2d",
-    "AffineWSConv2dSame", "AffineWSConv3d", "AffineWSLinear", "MaxPool2dSame",
+    "AffineWSConv2dSame", "AffineWSConv3d", "AffineWSLinear", "MaxPool2dSame", "held_by_standardization",
 ]

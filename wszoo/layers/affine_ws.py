@@ -54,8 +54,8 @@ class AffineWS:
         w = standardize_weight(self.weight, self.ws_style, self.ws_eps, self.ws_gain(), self.ws_gamma)
         return torch.addcmul(self.weight_beta, w, self.weight_gamma)
 
-    def _ws_dependencies(self):
-        tensors, settings = super()._ws_dependencies()  # type: ignore[misc]
+    def ws_dependencies(self):
+        tensors, settings = super().ws_dependencies()  # type: ignore[misc]
         return tensors + (self.weight_gamma, self.weight_beta), settings
 
     def extra_repr(self) -> str:

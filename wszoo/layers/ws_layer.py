@@ -8,21 +8,14 @@ standardizes (``class MyWSConv(WSLayer, nn.Conv2d)``), call :meth:`WSLayer.init_
 and sets ``ws_gamma`` (see :class:`wszoo.layers.ScaledWSConv2d`). Everything else (caching,
 :func:`wszoo.accumulate_ws`, :func:`wszoo.fold_ws`) then works unchanged.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .standardize import (
-    DEFAULT_EPS,
-    check_style,
-    fan_in_of,
-    held_by_standardization,
-    standardize_weight,
-    standardize_weights,
-)
+from .standardize import DEFAULT_EPS, check_style, fan_in_of, standardize_weight
 
-__all__ = ["WSLayer", "LayerGroup", "is_ws_layer", "is_groupable", "standardize_layers"]
+__all__ = ["WSLayer", "is_ws_layer"]
 
 # FX records the standardization as one call (its shape checks and fused kernel do not trace); the traced
 # graph calls it on the real weight, and TorchScript compiles it (its scripting path) when the graph is scripted.
@@ -41,8 +34,8 @@ class WSLayer:
 
     - inside :func:`wszoo.accumulate_ws`, the one computed when accumulation started
       (:meth:`start_accumulation`);
-    - in training, in a :class:`LayerGroup` (:func:`wszoo.group_ws`), one computed together with the group's
-      other layers by the first forward after any weight changed, reused until one changes again (an
+    - in training, in a :class:`~wszoo.layers.LayerGroup` (:func:`wszoo.group_ws`), one computed together with
+      the group's other layers by the first forward after any weight changed, reused until one changes again (an
       optimizer step) or autograd needs one where it was computed without;
     - in eval mode when no gradient reaches the WS parameters, a cached one, reused until the weight,
       the gain or a setting changes (data pointer or version counter: every in-place edit, optimizer
@@ -102,7 +95,7 @@ class WSLayer:
             if group is not None:
                 return group.weight_for(self)
             return self.standardized_weight()
-        tensors, settings = self._ws_dependencies()
+        tensors, settings = self.ws_dependencies()
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return self.standardized_weight()
         # dtype/device changes give a new storage, and the cache holds the old one alive, so the pointer
@@ -120,53 +113,41 @@ class WSLayer:
         self.__dict__["_ws_cache"] = (key, tuple(t.detach() for t in tensors), weight)
         return weight
 
-    def _ws_dependencies(self) -> Tuple[Tuple[torch.Tensor, ...], Tuple]:
-        """What :meth:`standardized_weight` depends on: its tensors, and its other settings (the cache key)."""
+    def ws_dependencies(self) -> Tuple[Tuple[torch.Tensor, ...], Tuple]:
+        """What :meth:`standardized_weight` depends on: its tensors, and its other settings."""
         gain = self.ws_gain()
         tensors = (self.weight,) if gain is None else (self.weight, gain)
         return tensors, (self.ws_style, self.ws_eps, self.ws_gamma)
 
-    def _ws_key(self) -> Tuple:
-        tensors, settings = self._ws_dependencies()
+    def ws_state_key(self) -> Tuple:
+        """Changes whenever the standardized weight may: each tensor's storage and version counter (every
+        in-place edit, optimizer step and ``load_state_dict`` moves it), and the settings."""
+        tensors, settings = self.ws_dependencies()
         return tuple((t.data_ptr(), t._version) for t in tensors) + settings
 
     # --- a weight standardized together with others (driven by wszoo.group_ws) --------------------
     @torch.jit.unused
-    def grouped_weight(self) -> Optional[torch.Tensor]:
-        """This layer's result of its group's last standardization, if it still applies (same weight and
-        gain, and a gradient path where autograd needs one), else ``None``."""
-        grouped = self.__dict__.get("_ws_grouped")
-        if grouped is None or grouped[0] != self._ws_key():
-            return None
-        weight = grouped[1]
-        if torch.is_grad_enabled() and not weight.requires_grad and any(
-                t.requires_grad for t in self._ws_dependencies()[0]):
-            return None  # computed under no_grad: it would cut the parameters off from the loss
-        return weight
-
-    @torch.jit.unused
-    def join_group(self, group: Optional["LayerGroup"]) -> None:
-        """Standardize in training together with ``group``'s other layers (``None``: on its own again)."""
-        self.clear_grouped_weight()
+    def join_group(self, group: Optional[Any]) -> None:
+        """Standardize in training together with ``group``'s other layers (a :class:`~wszoo.layers.LayerGroup`;
+        ``None``: on its own again). (Typed ``Any``: grouped.py builds on this module, not the reverse.)"""
+        old = self.ws_group()
+        if old is not None:
+            old.discard(self)
         if group is None:
             self.__dict__.pop("_ws_group", None)
         else:
             self.__dict__["_ws_group"] = group
 
     @torch.jit.unused
-    def ws_group(self) -> Optional["LayerGroup"]:
-        """The :class:`LayerGroup` this layer standardizes with, if any."""
+    def ws_group(self) -> Optional[Any]:
+        """The :class:`~wszoo.layers.LayerGroup` this layer standardizes with, if any."""
         return self.__dict__.get("_ws_group")
 
     @torch.jit.unused
-    def set_grouped_weight(self, weight: torch.Tensor) -> None:
-        """Record this layer's standardized weight as computed together with others (by :class:`LayerGroup`)."""
-        self.__dict__["_ws_grouped"] = (self._ws_key(), weight)
-
-    @torch.jit.unused
-    def clear_grouped_weight(self) -> None:
-        """Drop the recorded grouped result (the next training forward of the group standardizes again)."""
-        self.__dict__.pop("_ws_grouped", None)
+    def grouped_weight(self) -> Optional[torch.Tensor]:
+        """This layer's result of its group's last standardization, if it still applies, else ``None``."""
+        group = self.ws_group()
+        return None if group is None else group.result_for(self)
 
     # --- the eval cache ---------------------------------------------------------------------------
     @torch.jit.unused
@@ -221,88 +202,30 @@ class WSLayer:
         return plain.train(self.training)
 
     # --- nn.Module hooks that must drop the cache -------------------------------------------------
+    def _forget_grouped_weight(self) -> None:
+        group = self.ws_group()
+        if group is not None:
+            group.discard(self)
+
     def train(self, mode: bool = True):
         if mode:
             self.clear_ws_cache()
         else:
-            self.clear_grouped_weight()
+            self._forget_grouped_weight()
         return super().train(mode)  # type: ignore[misc]
 
     def _apply(self, fn, *args, **kwargs):
         self.clear_ws_cache()
-        self.clear_grouped_weight()
+        self._forget_grouped_weight()
         return super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
 
     def __getstate__(self):
         state = super().__getstate__()  # type: ignore[misc]
-        return {k: v for k, v in state.items() if k not in ("_ws_cache", "_ws_accumulated", "_ws_grouped")}
+        return {k: v for k, v in state.items() if k not in ("_ws_cache", "_ws_accumulated")}
 
     def ws_repr(self) -> str:
         """The WS part of ``extra_repr``."""
         return f", ws_style={self.ws_style}, ws_eps={self.ws_eps:g}"
-
-
-def standardize_layers(layers: Sequence[WSLayer]) -> List[torch.Tensor]:
-    """Each layer's :meth:`~WSLayer.standardized_weight`, computed together (:func:`standardize_weights`: a
-    number of kernels that grows with the distinct fan-ins and formulas, not with the layers)."""
-    return standardize_weights([layer.weight for layer in layers], [layer.ws_style for layer in layers],
-                               [layer.ws_eps for layer in layers], [layer.ws_gain() for layer in layers],
-                               [layer.ws_gamma for layer in layers])
-
-
-def is_groupable(layer: WSLayer) -> bool:
-    """Whether ``layer``'s standardized weight is :class:`WSLayer`'s own (``weight`` standardized along dim 0),
-    which :func:`standardize_layers` computes for many layers at once. Layers that compute it otherwise (a
-    transposed conv's layout, a function-preserving affine, a user's subclass) standardize on their own."""
-    return type(layer).standardized_weight is WSLayer.standardized_weight
-
-
-class LayerGroup:
-    """WS layers whose training-mode weights are standardized together (see :func:`wszoo.group_ws`).
-
-    The first training forward of any member after a weight changed standardizes every member at once
-    (:func:`standardize_layers`) and records each member's result; the others' forwards then use theirs.
-    Results stay valid until a member's weight or gain changes (an optimizer step, ``load_state_dict``, any
-    in-place edit) or autograd needs a gradient path a result lacks, so all forward passes between two
-    optimizer steps (micro-batches, several views of a batch, a checkpointed block's recomputation) share
-    one standardization, and each backward takes its share of its gradient."""
-
-    def __init__(self, layers: Sequence[WSLayer], on_cpu: bool = True) -> None:
-        #: whether weights on the CPU are grouped too (else only on accelerators, where launches dominate)
-        self.on_cpu = on_cpu
-        odd = [type(layer).__name__ for layer in layers if not is_groupable(layer)]
-        if odd:
-            raise ValueError(f"LayerGroup takes layers whose weight standardizes along dim 0; {', '.join(odd)} "
-                             "compute theirs otherwise (see is_groupable)")
-        self.layers = list(layers)
-
-    def applies_to(self, layer: WSLayer) -> bool:
-        """Whether ``layer`` (a member) standardizes with the group where its weight is now."""
-        return self.on_cpu or layer.weight.device.type != "cpu"
-
-    def weight_for(self, layer: WSLayer) -> torch.Tensor:
-        """``layer``'s standardized weight for a training forward (standardizing the whole group if needed)."""
-        if not self.applies_to(layer):
-            return layer.standardized_weight()
-        weight = layer.grouped_weight()
-        if weight is None:
-            self.standardize()
-            weight = layer.__dict__["_ws_grouped"][1]
-        return weight
-
-    def held_tensors(self) -> List[torch.Tensor]:
-        """The tensors the group's last standardization keeps alive for its backward and results (the flat
-        copy of the weights, per-row statistics, the results' buffer): what it costs in memory."""
-        # (held until the next standardization replaces them, whether or not the weights changed since)
-        results = [grouped[1] for member in self.layers if (grouped := member.__dict__.get("_ws_grouped"))]
-        return held_by_standardization(results)
-
-    def standardize(self) -> None:
-        """Standardize every member now and record the results."""
-        for member in self.layers:  # the old results go first (peak memory: one set, not two)
-            member.clear_grouped_weight()
-        for member, weight in zip(self.layers, standardize_layers(self.layers), strict=True):
-            member.set_grouped_weight(weight)
 
 
 def is_ws_layer(module: nn.Module) -> bool:
