@@ -247,3 +247,18 @@ def test_reentrant_checkpointing():
         return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     _assert_same(run(per_layer), run(grouped))
+
+
+def test_frozen_layers_are_left_out_of_the_group_and_accumulation():
+    """A frozen stem and first stage (detection's recipe) serve their cached weights: the group standardizes the
+    trainable layers only, and training with frozen layers gives the per-layer model's gradients."""
+    per_layer, grouped = _pair("resnet_mini_gn_ws", frozen_stages=1)
+    frozen = {name for name, layer in ws_layers(grouped) if not layer.weight.requires_grad}
+    assert frozen and len(frozen) < len(ws_layers(grouped))
+    x = _input(per_layer)
+    _assert_same(_loss_and_grads(per_layer, x), _loss_and_grads(grouped, x))
+    for name, layer in ws_layers(grouped):
+        assert (layer.grouped_weight() is None) == (name in frozen), name
+        assert (layer.cached_weight() is not None) == (name in frozen), name
+    with wszoo.accumulate_ws(grouped):
+        assert all(layer.is_accumulating == (name not in frozen) for name, layer in ws_layers(grouped))

@@ -64,8 +64,10 @@ def accumulate_ws(model: nn.Module) -> Iterator[nn.Module]:
         optimizer.step()
     """
     layers: List[WSLayer] = [layer for _, layer in ws_layers(model)]  # type: ignore[misc]
+    # frozen layers (nothing they depend on requires grad) accumulate nothing: they serve their cached weight
+    trainable = [layer for layer in layers if any(t.requires_grad for t in layer.ws_dependencies()[0])]
     # the layers a group_ws group standardizes together on this device: together here too, in one go
-    together = [layer for layer in layers if (group := layer.ws_group()) is not None and group.applies_to(layer)]
+    together = [layer for layer in trainable if (group := layer.ws_group()) is not None and group.applies_to(layer)]
     if any(layer.is_accumulating for layer in layers):
         raise RuntimeError("accumulate_ws: this model is already inside an accumulate_ws block")
     if not torch.is_grad_enabled():
@@ -75,7 +77,7 @@ def accumulate_ws(model: nn.Module) -> Iterator[nn.Module]:
         for layer, weight in zip(together, standardize_layers(together) if together else [], strict=True):
             pairs.append(layer.start_accumulation(weight))
         chosen = {id(layer) for layer in together}
-        for layer in layers:
+        for layer in trainable:
             if id(layer) not in chosen:
                 pairs.append(layer.start_accumulation())
         yield model

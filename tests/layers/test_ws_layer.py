@@ -123,3 +123,31 @@ def test_standardize_weight_scripted_equals_eager_for_every_style():
         torch.testing.assert_close(scripted(weight, style, eps, kwargs.get("gain"), kwargs.get("gamma", 1.0)), eager)
     with pytest.raises(torch.jit.Error, match="needs an explicit eps"):
         scripted(weight, "timm", None, None, 1.0)
+
+
+@pytest.mark.parametrize("make", [lambda: WSConv2d(4, 8, 3, style="qiao"), lambda: ScaledWSConv2d(4, 8, 3, gamma=1.7),
+                                  lambda: CWNLinear(6, 5)], ids=["qiao", "scaled", "cwn"])
+def test_a_frozen_layer_in_training_serves_its_cached_weight_and_never_a_stale_one(make):
+    """Frozen weights cannot change between steps, so training forwards reuse one standardization of them; any
+    change to them (in place, load_state_dict) or unfreezing shows at once."""
+    torch.manual_seed(0)
+    layer = make().train()
+    x = torch.randn(2, *((4, 6, 6) if isinstance(layer, nn.Conv2d) else (6,)), requires_grad=True)
+    layer.requires_grad_(False)
+    first, second = layer.forward_weight(), layer.forward_weight()
+    assert first is second and first.grad_fn is None  # one standardization, reused
+    torch.testing.assert_close(first, layer.standardized_weight(), rtol=0, atol=0)
+    layer(x).sum().backward()
+    assert x.grad is not None  # the input still gets its gradient through the frozen layer
+    with torch.no_grad():
+        layer.weight.mul_(2.0).add_(0.5)  # changed in place
+    torch.testing.assert_close(layer.forward_weight(), layer.standardized_weight(), rtol=0, atol=0)
+    assert layer.forward_weight() is not first
+    state = {k: torch.randn_like(v) for k, v in layer.state_dict().items()}
+    layer.load_state_dict(state)
+    torch.testing.assert_close(layer.forward_weight(), layer.standardized_weight(), rtol=0, atol=0)
+    layer.weight.requires_grad_(True)  # unfrozen: a fresh, differentiable weight, and the parameter learns
+    served = layer.forward_weight()
+    assert served.grad_fn is not None
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0

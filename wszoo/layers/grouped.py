@@ -391,7 +391,9 @@ class LayerGroup:
         return held_by_standardization([weight for _, weight in self._results.values()])
 
     def standardize(self) -> None:
-        """Standardize every member now and keep the results."""
+        """Standardize every member a gradient can reach now and keep the results. Frozen members (nothing
+        they depend on requires grad) are left out: they serve their cached weight (see :class:`WSLayer`)."""
         self._results.clear()  # the old results go first (peak memory: one set, not two)
-        for member, weight in zip(self.layers, standardize_layers(self.layers), strict=True):
+        trainable = [m for m in self.layers if any(t.requires_grad for t in m.ws_dependencies()[0])]
+        for member, weight in zip(trainable, standardize_layers(trainable) if trainable else [], strict=True):
             self._results[id(member)] = (member.ws_state_key(), weight)

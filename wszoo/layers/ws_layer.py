@@ -37,7 +37,8 @@ class WSLayer:
     - in training, in a :class:`~wszoo.layers.LayerGroup` (:func:`wszoo.group_ws`), one computed together with
       the group's other layers by the first forward after any weight changed, reused until one changes again (an
       optimizer step) or autograd needs one where it was computed without;
-    - in eval mode when no gradient reaches the WS parameters, a cached one, reused until the weight,
+    - when no gradient can reach what it depends on (eval mode under ``no_grad``, or a frozen layer, whose
+      weight and gain do not require grad, in training too), a cached one, reused until the weight,
       the gain or a setting changes (data pointer or version counter: every in-place edit, optimizer
       step and ``load_state_dict`` moves the counter, ``.to()`` makes new storages), so it is never stale;
     - under ``torch.compile``, FX tracing or TorchScript, the standardization itself (no Python-side
@@ -90,14 +91,17 @@ class WSLayer:
         accumulated = self.__dict__.get("_ws_accumulated")
         if accumulated is not None:
             return accumulated
-        if self.training:
+        tensors, settings = self.ws_dependencies()
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):  # a gradient must reach them
             group = self.__dict__.get("_ws_group")
-            if group is not None:
+            if self.training and group is not None:
                 return group.weight_for(self)
             return self.standardized_weight()
-        tensors, settings = self.ws_dependencies()
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return self.standardized_weight()
+        # Nothing it depends on can get a gradient here (eval under no_grad, frozen weights in training): the
+        # standardized weight only changes with them, so it is computed once and reused.
+        return self._cached_weight_for(tensors, settings)
+
+    def _cached_weight_for(self, tensors: Tuple[torch.Tensor, ...], settings: Tuple) -> torch.Tensor:
         # dtype/device changes give a new storage, and the cache holds the old one alive, so the pointer
         # alone tells storages apart
         key = tuple((t.data_ptr(), t._version) for t in tensors) + settings
