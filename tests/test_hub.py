@@ -162,7 +162,7 @@ def test_save_pretrained_then_hf_hub_name(hf_env, monkeypatch, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == "nf_regnet_b0" and config["num_classes"] == 5
-    assert config["model_args"] == {"num_classes": 5, "in_chans": 1}
+    assert config["model_args"] == {"num_classes": 5, "in_chans": 1, "global_pool": "avg"}
     assert "library_name: wszoo" in (out / "README.md").read_text()
     files = {p.name: p.read_bytes() for p in out.iterdir()}
     with FakeHub() as hub:
