@@ -162,7 +162,7 @@ def test_save_pretrained_then_hf_hub_name(hf_env, monkeypatch, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == "nf_regnet_b0" and config["num_classes"] == 5
-    assert config["model_args"] == {"num_classes": 5, "in_chans": 1}
+    assert config["model_args"] == {"num_classes": 5, "in_chans": 1, "global_pool": "avg"}
     assert "library_name: wszoo" in (out / "README.md").read_text()
     files = {p.name: p.read_bytes() for p in out.iterdir()}
     with FakeHub() as hub:
@@ -308,7 +308,7 @@ def test_saved_model_rebuilds_as_it_was_saved(case, route, hf_env, monkeypatch, 
     out = tmp_path / "saved"
     save_pretrained(src, str(out))
     config = json.loads((out / "config.json").read_text())
-    assert (config["num_classes"], config["in_chans"]) == (src.num_classes, src.in_chans)
+    assert (config["num_classes"], config["model_args"]["in_chans"]) == (src.num_classes, src.in_chans)
     if route == "local-dir":
         loaded = wszoo.create_model(f"local-dir:{out}", pretrained=True)
     else:
@@ -331,6 +331,6 @@ def test_saved_class_count_outranks_stale_model_args(tmp_path):
     save_pretrained(src, str(out))
     config = json.loads((out / "config.json").read_text())
     config["model_args"]["num_classes"] = 10  # what the old writer recorded: the class count at creation
-    del config["in_chans"], config["global_pool"]
+    config.pop("in_chans", None), config.pop("global_pool", None)
     (out / "config.json").write_text(json.dumps(config))
     assert wszoo.create_model(f"local-dir:{out}", pretrained=True).num_classes == 5

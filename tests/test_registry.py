@@ -66,7 +66,7 @@ def test_every_tag_has_a_source_and_safetensors_or_a_checked_url():
             assert cfg["package_dir"] == f"weights/{name}"
         else:
             assert cfg["url"].endswith(f"-{cfg['url_sha256_prefix']}.pth") and len(cfg["url_sha256_prefix"]) == 8
-        assert cfg.get("top1") is None or cfg.get("top1_source"), name
+        assert cfg.get("top1") is None or (cfg.get("top1_source") and cfg.get("top1_dataset")), name
 
 
 def test_unknown_names_suggest_close_matches():

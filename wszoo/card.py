@@ -78,7 +78,8 @@ def _family_section(data: Dict) -> List[str]:
         for name in tags:
             cfg = registry.get_pretrained_cfg(name)
             params, gmacs = params_and_gmacs(name, tuple(cfg["input_size"]))
-            top1 = f"{cfg['top1']:.2f} ({cfg['top1_source']})" if cfg.get("top1") is not None else "—"
+            top1 = f"{cfg['top1']:.2f} on {cfg['top1_dataset']} ({cfg['top1_source']})" \
+                if cfg.get("top1") is not None else "—"
             lines.append(
                 f"| `{name}` | {params / 1e6:.1f}M | {gmacs:.1f} @ {cfg['input_size'][1]} | {_size(cfg)} | "
                 f"{cfg.get('crop_pct')} {cfg.get('crop_mode', '')}".rstrip()

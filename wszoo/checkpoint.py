@@ -14,7 +14,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 __all__ = ["CheckpointError", "read_safetensors", "read_torch_checkpoint", "check_state_dict", "load_checkpoint",
-           "strip_prefix", "non_finite_tensors", "saved_architecture", "require_same_architecture"]
+           "strip_prefix", "non_finite_tensors", "saved_architecture", "safetensors_metadata",
+           "require_same_architecture"]
 
 _PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".pkl", ".pickle", ".tar", ".ckpt")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
@@ -99,14 +100,19 @@ def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> List[str]:
     return sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
 
 
+def safetensors_metadata(path: str) -> Dict[str, str]:
+    """The string metadata of a safetensors file's header (``{}`` when it has none or cannot be read)."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError):
+        return {}
+
+
 def saved_architecture(path: str) -> Optional[str]:
     """The architecture a safetensors file says it was saved from: wszoo writes it in the file's metadata, and
     a ``save_pretrained`` directory's ``config.json`` beside the file says it too. ``None`` when neither does."""
-    try:
-        with safe_open(os.fspath(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError):
-        metadata = {}
+    metadata = safetensors_metadata(path)
     if metadata.get("architecture"):
         return metadata["architecture"]
     config = os.path.join(os.path.dirname(os.fspath(path)), "config.json")

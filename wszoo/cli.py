@@ -19,7 +19,7 @@ import torch
 
 from . import registry
 from .factory import create_model
-from .hub import WEIGHTS_NAME, PretrainedWeightsError
+from .hub import PretrainedWeightsError
 
 __all__ = ["main", "build_parser"]
 
@@ -220,7 +220,7 @@ def _model_for_export(args: argparse.Namespace) -> torch.nn.Module:
                                    pretrained_backbone=args.pretrained)
         return build_detector(args.model, args.backbone, args.num_classes or 91,
                               pretrained_backbone=args.pretrained, **sizes)
-    return create_model(args.model, pretrained=args.pretrained, checkpoint_path=_checkpoint_file(args.checkpoint),
+    return create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint,
                         num_classes=args.num_classes, in_chans=args.in_chans)
 
 
@@ -254,13 +254,6 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     else:
         print(format_ap(detect_eval(args)))
     return 0
-
-
-def _checkpoint_file(path: Optional[str]) -> Optional[str]:
-    """A save_pretrained directory stands for its model.safetensors."""
-    if path and Path(path).is_dir():
-        return str(Path(path) / WEIGHTS_NAME)
-    return path
 
 
 def _format_results(result: dict, fmt: str) -> str:
@@ -300,7 +293,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.results_file:  # before any work: a typo in the path must not cost an evaluation
         check_writable_parent(args.results_file, "--results-file")
     rank, world, device = init_distributed()
-    model = create_model(args.model, pretrained=args.pretrained, checkpoint_path=_checkpoint_file(args.checkpoint),
+    model = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint,
                          num_classes=args.num_classes, in_chans=args.in_chans)
     _check_mean_std(args, model.in_chans)
     cfg = data_config_for(model, args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation,
@@ -339,7 +332,6 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from .train import finetune
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args.checkpoint = _checkpoint_file(args.checkpoint)
     metrics = finetune(args)
     if _rank0():  # every rank returns the metrics; one copy of them on stdout
         print(json.dumps(metrics))

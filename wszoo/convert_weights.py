@@ -16,12 +16,14 @@ architecture). Accepted containers:
   with a restricted unpickler that can build only dicts and numpy arrays, so a file that asks for any
   other class is refused instead of executed.
 """
+import hashlib
 import io
+import json
 import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 import torch.nn as nn
@@ -30,8 +32,11 @@ from safetensors.torch import save_file
 from .checkpoint import CheckpointError, check_state_dict, non_finite_tensors, read_torch_checkpoint
 from .factory import create_model
 from .files import atomic_path, check_writable_parent
-from .hub import is_saved_model_dir, save_pretrained
+from .hub import CONFIG_NAME, PretrainedWeightsError, is_saved_model_dir, read_saved_config, save_pretrained
 from .models.nfnet import haiku_params_to_state_dict
+from .provenance import METADATA_KEY, published_weights, record_weights, saved_weights
+from .registry import split_model_name
+from .saved_config import saved_model_args
 
 __all__ = ["read_haiku_params", "convert_deepmind_nfnet", "convert_torch_checkpoint", "save_converted", "check_output"]
 
@@ -116,11 +121,39 @@ def save_converted(model: nn.Module, out: str, source: str) -> str:
         bad = non_finite_tensors(tensors)
         if bad:
             raise CheckpointError(f"refusing to save non-finite values (NaN/Inf) in {', '.join(bad[:10])}")
-        metadata = {"architecture": model.pretrained_cfg["architecture"], "source": os.path.basename(source)}
+        metadata = {"architecture": model.pretrained_cfg["architecture"], "source": os.path.basename(source),
+                    METADATA_KEY: json.dumps(saved_weights(model))}
         with atomic_path(out) as tmp:
             save_file(tensors, tmp, metadata=metadata)
         return out
     return save_pretrained(model, out)
+
+
+def _converted(model: nn.Module, src: str) -> None:
+    """Record what the converted weights are: the tag's published checkpoint when ``src`` is that very file
+    (its sha256 matches the tag's), else only the file they were converted from."""
+    cfg = model.pretrained_cfg
+    expected = cfg.get("url_sha256_prefix")
+    if expected:
+        with open(src, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest.startswith(expected):
+            record_weights(model, published_weights(cfg))
+            return
+    record_weights(model, {"kind": "converted", "file": os.path.basename(os.fspath(src))})
+
+
+def _args_beside(src: str, model_name: str) -> Dict[str, Any]:
+    """The arguments recorded in a ``config.json`` beside ``src`` for the same architecture (a timm
+    ``save_for_hf`` folder: its class count and input channels), else none."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(src)))
+    if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+        return {}
+    try:
+        config = read_saved_config(folder)
+    except PretrainedWeightsError:
+        return {}
+    return saved_model_args(config) if config["architecture"] == split_model_name(model_name)[0] else {}
 
 
 def convert_deepmind_nfnet(src: str, model_name: str, out: Optional[str] = None, force: bool = False,
@@ -133,6 +166,7 @@ def convert_deepmind_nfnet(src: str, model_name: str, out: Optional[str] = None,
     model = create_model(model_name, **model_kwargs)
     state_dict = haiku_params_to_state_dict(read_haiku_params(src), model)
     model.load_state_dict(state_dict)
+    _converted(model, src)
     if out is not None:
         save_converted(model, out, src)
     return model
@@ -140,14 +174,16 @@ def convert_deepmind_nfnet(src: str, model_name: str, out: Optional[str] = None,
 
 def convert_torch_checkpoint(src: str, model_name: str, out: Optional[str] = None, force: bool = False,
                              **model_kwargs) -> nn.Module:
-    """Load a pickle in ``model_name``'s own key layout (e.g. Qiao's GN+WS ResNets) strictly, and save it
-    (an existing ``out`` only with ``force``)."""
+    """Load a pickle in ``model_name``'s own key layout (e.g. Qiao's GN+WS ResNets, or the ``pytorch_model.bin``
+    of a timm ``save_for_hf`` folder, whose ``config.json`` gives the class count and input channels) strictly,
+    and save it (an existing ``out`` only with ``force``)."""
     if out is not None:
         check_output(out, force)
-    model = create_model(model_name, **model_kwargs)
     state_dict = read_torch_checkpoint(src)
+    model = create_model(model_name, **{**_args_beside(src, model_name), **model_kwargs})
     check_state_dict(model, state_dict, source=f"checkpoint {os.fspath(src)!r}")
     model.load_state_dict(state_dict)
+    _converted(model, src)
     if out is not None:
         save_converted(model, out, src)
     return model

@@ -1,18 +1,21 @@
 """``create_model``: build a registered model by name, timm-style, in small steps (as timm splits
 ``_factory``/``_builder`` from ``_registry``): resolve where the model comes from, build it, load its
 weights, freeze stages, wrap it as a feature extractor."""
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Union
 
 import torch.nn as nn
 
 from . import registry, speed
-from .checkpoint import load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, safetensors_metadata
 from .features import wrap_features
-from .hub import load_pretrained, resolve_saved_model
+from .hub import CONFIG_NAME, load_pretrained, read_saved_config, resolve_saved_model, saved_weights_file
 from .models.helpers import freeze_stages
+from .provenance import METADATA_KEY, loaded_weights, record_weights
+from .saved_config import saved_model_args
 
-__all__ = ["create_model", "ModelSource", "resolve_source", "check_create_args"]
+__all__ = ["create_model", "ModelSource", "resolve_source", "check_create_args", "with_checkpoint_folder"]
 
 
 @dataclass
@@ -24,6 +27,7 @@ class ModelSource:
     pretrained_cfg: Dict[str, Any]
     saved_args: Dict[str, Any]
     local_weights: Optional[str] = None
+    name: str = ""
 
 
 def resolve_source(model_name: str) -> ModelSource:
@@ -31,10 +35,27 @@ def resolve_source(model_name: str) -> ModelSource:
     if model_name.startswith(("hf-hub:", "local-dir:")):
         cfg, args, weights = resolve_saved_model(model_name)
         registry.model_entrypoint(cfg["architecture"])  # an unknown architecture fails here, by name
-        return ModelSource(cfg["architecture"], registry.normalize_cfg(cfg), args, weights)
+        return ModelSource(cfg["architecture"], registry.normalize_cfg(cfg), args, weights, model_name)
     arch, _ = registry.split_model_name(model_name)
     registry.model_entrypoint(model_name)
-    return ModelSource(arch, registry.get_pretrained_cfg(model_name), {})
+    return ModelSource(arch, registry.get_pretrained_cfg(model_name), {}, name=model_name)
+
+
+def with_checkpoint_folder(source: ModelSource, checkpoint_path: Optional[str]) -> Optional[str]:
+    """A saved-model folder given as ``checkpoint_path`` brings its arguments (class count, input channels,
+    ...; explicit arguments still win) into ``source``, as ``local-dir:`` does; returns its weights file."""
+    if checkpoint_path is None or not os.path.isdir(checkpoint_path):
+        return checkpoint_path
+    weights = saved_weights_file(checkpoint_path)
+    if not os.path.isfile(os.path.join(checkpoint_path, CONFIG_NAME)):
+        return weights
+    config = read_saved_config(checkpoint_path)
+    if config["architecture"] != source.arch:
+        raise CheckpointError(
+            f"checkpoint {checkpoint_path!r} was saved from {config['architecture']}, not {source.arch}: load it "
+            f"with --model {config['architecture']} (or create_model('local-dir:{checkpoint_path}', pretrained=True))")
+    source.saved_args = {**source.saved_args, **saved_model_args(config)}
+    return weights
 
 
 def _require_int(name: str, value: Any, least: int) -> None:
@@ -74,13 +95,19 @@ def _model_args(source: ModelSource, num_classes: Optional[int], in_chans: Optio
 
 
 def _load_weights(model: nn.Module, source: ModelSource, pretrained: bool, checkpoint_path: Optional[str]) -> None:
-    """A local checkpoint replaces ``pretrained``; a ``local-dir:`` model's weights are its directory's."""
+    """A local checkpoint replaces ``pretrained``; a ``local-dir:`` model's weights are its directory's. Records
+    what the model's weights now are (:mod:`wszoo.provenance`)."""
+    where = checkpoint_path
     if checkpoint_path is None and pretrained and source.local_weights is not None:
-        checkpoint_path = source.local_weights
+        checkpoint_path, where = source.local_weights, source.name
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path)
+        recorded = safetensors_metadata(checkpoint_path).get(METADATA_KEY)
+        record_weights(model, loaded_weights(recorded, model.state_dict(), str(where)))
     elif pretrained:
         load_pretrained(model, source.pretrained_cfg)
+    elif all(not t.is_meta for t in model.state_dict().values()):  # (the model card counts on the meta device)
+        record_weights(model, {"kind": "random"})
 
 
 def create_model(
@@ -111,8 +138,9 @@ def create_model(
             different count keeps a fresh classifier and loads everything else.
         in_chans: input channels; default the config's (3, or 1 for the Fashion-MNIST models). Pretrained
             first convs are adapted as timm does.
-        checkpoint_path: a local ``.safetensors`` state dict to load strictly (checked before any copy);
-            it replaces ``pretrained``.
+        checkpoint_path: a local ``.safetensors`` state dict to load strictly (checked before any copy), or a
+            :func:`wszoo.save_pretrained` folder, whose class count, input channels and other arguments the
+            model is then built with (explicit arguments win); it replaces ``pretrained``.
         drop_rate, drop_path_rate: classifier dropout and stochastic depth.
         features_only: return a feature extractor (timm's ``FeatureListNet``): ``model(x)`` is a list of
             maps, ``model.feature_info`` has ``channels()``, ``reduction()``, ``module_name()``.
@@ -127,14 +155,16 @@ def create_model(
             is no faster), ``True`` everywhere, ``False`` nowhere.
         **kwargs: passed to the architecture (e.g. ``global_pool``, ``output_stride``, ``ws_style``).
 
-    The model gets ``pretrained_cfg`` (a dict usable by ``timm.data.resolve_data_config``) and
-    ``model_args`` (what it was built with).
+    The model gets ``pretrained_cfg`` (a dict usable by ``timm.data.resolve_data_config``), ``model_args``
+    (what it was built with) and ``weights_provenance`` (what its weights are, with their fingerprint:
+    :mod:`wszoo.provenance`; :func:`wszoo.save_pretrained` claims a published tag only while they match).
     """
     for name, value in (("out_indices", out_indices), ("feature_cls", feature_cls), ("feature_cfg", feature_cfg)):
         if value is not None and not features_only:
             raise ValueError(f"{name} is for features_only=True")
     check_create_args(num_classes, in_chans, drop_rate, drop_path_rate, frozen_stages)
     source = resolve_source(model_name)
+    checkpoint_path = with_checkpoint_folder(source, checkpoint_path)
     args = _model_args(source, num_classes, in_chans, kwargs)
     model = registry.model_entrypoint(source.arch)(drop_rate=drop_rate, drop_path_rate=drop_path_rate, **args)
     model.pretrained_cfg = model.default_cfg = source.pretrained_cfg  # older timm helpers read default_cfg

@@ -14,7 +14,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -29,13 +29,31 @@ from huggingface_hub.errors import (
 from safetensors.torch import save_file
 from timm.models import adapt_input_conv
 
-from .checkpoint import check_state_dict, non_finite_tensors, read_safetensors, read_torch_checkpoint, strip_prefix
+from .checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    non_finite_tensors,
+    read_safetensors,
+    read_torch_checkpoint,
+    safetensors_metadata,
+    strip_prefix,
+)
 from .files import atomic_path, atomic_write_text
+from .provenance import (
+    METADATA_KEY,
+    TrainingRecord,
+    loaded_weights,
+    published_weights,
+    record_weights,
+    saved_weights,
+    state_fingerprint,
+)
+from .saved_config import TIMM_CFG_FIELDS, build_saved_config, render_card, saved_model_args
 
 __all__ = [
     "PretrainedWeightsError", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "download_from_hub", "load_pretrained",
     "save_pretrained", "push_to_hub", "parse_hf_hub_name", "read_saved_config", "resolve_saved_model",
-    "is_saved_model_dir",
+    "is_saved_model_dir", "saved_weights_file",
     "wszoo_cache_dir",
 ]
 
@@ -130,9 +148,10 @@ def _converted_original(cfg: Mapping[str, Any], model: nn.Module) -> Dict[str, t
             )
         state_dict = read_torch_checkpoint(str(raw))
         _fit_to_model(model, cfg, dict(state_dict), source=f"{url} (converted)")  # refuse before caching
-        config = _saved_config(cfg, num_classes=int(cfg.get("num_classes", 1000)),
-                               in_chans=int((cfg.get("input_size") or (3,))[0]),
-                               num_features=getattr(model, "num_features", None), model_args={})
+        weights = {"weights": published_weights(cfg), "sha256": state_fingerprint(state_dict)}
+        config = build_saved_config(cfg, weights, num_classes=int(cfg.get("num_classes", 1000)),
+                                    in_chans=int((cfg.get("input_size") or (3,))[0]),
+                                    num_features=getattr(model, "num_features", None), model_args={})
         _write_saved_model(Path(tmp) / "converted", state_dict, config, type(model).__name__)
         # the weights land last: a half-done conversion is redone next time
         target.mkdir(exist_ok=True)
@@ -141,39 +160,54 @@ def _converted_original(cfg: Mapping[str, Any], model: nn.Module) -> Dict[str, t
     return state_dict
 
 
-def _pretrained_state_dict(cfg: Mapping[str, Any], model: nn.Module) -> Tuple[Dict[str, torch.Tensor], str]:
-    """The published weights ``cfg`` points to (downloaded or converted if needed), and where they came from."""
+def _pretrained_state_dict(cfg: Mapping[str, Any], model: nn.Module
+                           ) -> Tuple[Dict[str, torch.Tensor], str, Optional[str]]:
+    """The published weights ``cfg`` points to (downloaded or converted if needed), where they came from (for
+    messages), and the safetensors file they were read from (``None`` for a pickle converted just now)."""
     if cfg.get("hf_hub_id"):
         filename = cfg.get("hf_hub_filename") or WEIGHTS_NAME
         if not filename.endswith(".safetensors"):
             raise PretrainedWeightsError(f"{cfg['hf_hub_id']}: only safetensors are loaded, not {filename!r}")
         path = download_from_hub(cfg["hf_hub_id"], filename, cfg.get("revision"))
-        return strip_prefix(read_safetensors(path)), f"checkpoint {path!r}"
+        return strip_prefix(read_safetensors(path)), f"checkpoint {path!r}", path
     if cfg.get("url"):
-        return _converted_original(cfg, model), f"{cfg['url']} (converted)"
+        return _converted_original(cfg, model), f"{cfg['url']} (converted)", None
     if cfg.get("package_dir"):  # weights shipped inside the wszoo package (the embedded default)
         from importlib import resources
 
         path = resources.files("wszoo").joinpath(cfg["package_dir"], WEIGHTS_NAME)
         if not path.is_file():
             raise PretrainedWeightsError(f"the packaged weights {cfg['package_dir']}/{WEIGHTS_NAME} are missing")
-        return strip_prefix(read_safetensors(str(path))), f"checkpoint {str(path)!r}"
+        return strip_prefix(read_safetensors(str(path))), f"checkpoint {str(path)!r}", str(path)
     raise PretrainedWeightsError(
         f"{cfg.get('architecture')!r} has no pretrained weights (tags: see wszoo.list_pretrained())"
     )
 
 
+def _adapt_layout(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """The family's own layout changes (e.g. a ViT's position grid resampled to the model's image size)."""
+    if not hasattr(model, "adapt_state_dict"):
+        return state_dict, []
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    state_dict = model.adapt_state_dict(state_dict)
+    resized = sorted(k for k, v in state_dict.items() if k in shapes and tuple(v.shape) != shapes[k])
+    return state_dict, [f"{key} resampled from {list(shapes[key])} to {list(state_dict[key].shape)}"
+                        for key in resized]
+
+
 def _fit_to_model(model: nn.Module, cfg: Mapping[str, Any], state_dict: Dict[str, torch.Tensor],
-                  source: str) -> Dict[str, torch.Tensor]:
-    """Adapt a published state dict to ``model``'s classes and input channels, then check it in full."""
-    if hasattr(model, "adapt_state_dict"):  # the family's own layout changes (e.g. a ViT's position grid)
-        state_dict = model.adapt_state_dict(state_dict)
+                  source: str) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """Adapt a published state dict to ``model``'s classes and input channels, then check it in full; also
+    returns what was changed (so the model does not claim to hold that checkpoint unchanged)."""
+    state_dict, changes = _adapt_layout(model, state_dict)
     model_sd = model.state_dict()
     first_conv = f"{cfg.get('first_conv')}.weight"
     if first_conv in state_dict and first_conv in model_sd and \
             state_dict[first_conv].shape != model_sd[first_conv].shape:
+        before = state_dict[first_conv].shape[1]
         state_dict[first_conv] = adapt_input_conv(model_sd[first_conv].shape[1], state_dict[first_conv])
-        _logger.info("adapted %s from %d to %d input channels", first_conv, 3, model_sd[first_conv].shape[1])
+        changes.append(f"{first_conv} adapted from {before} to {model_sd[first_conv].shape[1]} input channels")
+        _logger.info("adapted %s from %d to %d input channels", first_conv, before, model_sd[first_conv].shape[1])
     prefix = f"{cfg.get('classifier')}."
     dropped = sorted(k for k in state_dict if cfg.get("classifier") and k.startswith(prefix)
                      and (k not in model_sd or state_dict[k].shape != model_sd[k].shape))
@@ -182,15 +216,21 @@ def _fit_to_model(model: nn.Module, cfg: Mapping[str, Any], state_dict: Dict[str
             del state_dict[key]
         for key in (k for k in model_sd if k.startswith(prefix)):  # the model keeps its fresh classifier
             state_dict.setdefault(key, model_sd[key])
+        changes.append(f"a new {getattr(model, 'num_classes', '?')}-class classifier (random initialization, "
+                       f"not trained) in place of the checkpoint's {cfg.get('num_classes')}-class one")
         _logger.info("not loading the checkpoint's classifier (%s): the model has %s classes, the checkpoint %s",
                      ", ".join(dropped), getattr(model, "num_classes", "?"), cfg.get("num_classes"))
     check_state_dict(model, state_dict, source=source, strict=True)
-    return state_dict
+    return state_dict, changes
+
+
+#: ``cfg['source']`` of a model read from a saved folder or repo (timm's names), rather than a registry tag
+SAVED_SOURCES = ("hf-hub", "local-dir")
 
 
 def load_pretrained(model: nn.Module, cfg: Mapping[str, Any], path: Optional[str] = None) -> nn.Module:
     """Load the weights of ``cfg`` (or the safetensors file ``path``) into ``model``, adapting to the model's
-    classes and input channels.
+    classes and input channels, and record what they are (:mod:`wszoo.provenance`).
 
     * ``num_classes`` different from the checkpoint's: the classifier is left at its fresh init (logged).
     * ``in_chans`` != 3: the first conv is adapted as timm does (summed for 1 channel, repeated and
@@ -199,12 +239,45 @@ def load_pretrained(model: nn.Module, cfg: Mapping[str, Any], path: Optional[str
 
     Everything is checked before the model is touched.
     """
+    explicit_file = path is not None
     if path is None:
-        state_dict, source = _pretrained_state_dict(cfg, model)
+        state_dict, source, path = _pretrained_state_dict(cfg, model)
     else:
         state_dict, source = strip_prefix(read_safetensors(path)), f"checkpoint {path!r}"
-    model.load_state_dict(_fit_to_model(model, cfg, state_dict, source), strict=True)
+    if explicit_file or cfg.get("source") in SAVED_SOURCES:  # not a registry tag: the file says what it holds
+        where = f"hf-hub:{cfg['hf_hub_id']}" if cfg.get("hf_hub_id") else str(path)
+        description = loaded_weights(safetensors_metadata(path).get(METADATA_KEY) if path else None,
+                                     state_dict, where)
+    else:
+        description = published_weights(cfg)
+    state_dict, changes = _fit_to_model(model, cfg, state_dict, source)
+    model.load_state_dict(state_dict, strict=True)
+    record_weights(model, description, changes)
     return model
+
+
+def saved_weights_file(directory: str) -> str:
+    """The ``model.safetensors`` of a saved folder; a folder holding only a pickle (timm's ``save_for_hf``
+    writes ``pytorch_model.bin`` by default) gets the command that converts it."""
+    folder = Path(directory)
+    weights = folder / WEIGHTS_NAME
+    if weights.is_file():
+        return str(weights)
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pth", ".pt")) if folder.is_dir() \
+        else []
+    if not pickles:
+        raise CheckpointError(f"{directory} has no {WEIGHTS_NAME}: not a saved model folder")
+    try:
+        arch = read_saved_config(directory)["architecture"]
+    except PretrainedWeightsError:
+        arch = "ARCH"
+    found = folder / pickles[0]
+    raise CheckpointError(
+        f"{directory} holds {pickles[0]} (a PyTorch pickle, as timm's save_for_hf writes by default) but no "
+        f"{WEIGHTS_NAME}, and wszoo loads only safetensors (unpickling can run code). Convert it once: "
+        f"`wszoo convert {found} --source pth --model {arch} -o {str(folder).rstrip('/')}-safetensors`, "
+        "then use that folder"
+    )
 
 
 # --- the saved-model format ---------------------------------------------------------------------------
@@ -237,81 +310,32 @@ def read_saved_config(directory: str) -> Dict[str, Any]:
     return _parse_config(str(path), directory)
 
 
-def _saved_model_args(config: Mapping[str, Any]) -> Dict[str, Any]:
-    """The arguments a saved model is rebuilt with: the recorded ``model_args``, with the class count, input
-    channels and global pooling the model had when it was saved (top-level fields; 0 classes is a count)."""
-    args = dict(config.get("model_args") or {})
-    for key in ("num_classes", "in_chans"):
-        if config.get(key) is not None:
-            args[key] = int(config[key])
-    if config.get("global_pool") is not None:
-        args["global_pool"] = str(config["global_pool"])
-    return args
-
-
 def resolve_saved_model(name: str) -> Tuple[Dict[str, Any], Dict[str, Any], Optional[str]]:
     """For ``'hf-hub:org/repo[@rev]'`` or ``'local-dir:/path'``: the pretrained cfg (with where the weights
     are), the model arguments to rebuild it with, and the local weights file (``local-dir:`` only; Hub
-    weights are downloaded by :func:`load_pretrained`)."""
+    weights are downloaded by :func:`load_pretrained`). Only timm's cfg fields are taken from the folder:
+    what its weights are is read from the weights file itself when they are loaded."""
     if name.startswith("hf-hub:"):
         repo_id, revision = parse_hf_hub_name(name)
         config = _parse_config(download_from_hub(repo_id, CONFIG_NAME, revision), repo_id)
-        source = {"hf_hub_id": repo_id, "hf_hub_filename": WEIGHTS_NAME, "revision": revision}
+        source = {"hf_hub_id": repo_id, "hf_hub_filename": WEIGHTS_NAME, "revision": revision, "source": "hf-hub"}
         weights = None
     elif name.startswith("local-dir:"):
         directory = name[len("local-dir:"):]
         config = read_saved_config(directory)
-        source = {"hf_hub_id": None, "url": None, "package_dir": None}
-        weights = str(Path(directory) / WEIGHTS_NAME)
+        source = {"hf_hub_id": None, "url": None, "package_dir": None, "source": "local-dir"}
+        weights = saved_weights_file(directory)
     else:
         raise ValueError(f"not a saved-model name (hf-hub:org/repo or local-dir:/path): {name!r}")
-    args = _saved_model_args(config)
-    cfg = {**config.get("pretrained_cfg", {}), "architecture": config["architecture"], **source}
+    args = saved_model_args(config)
+    cfg = {k: v for k, v in (config.get("pretrained_cfg") or {}).items() if k in TIMM_CFG_FIELDS}
+    cfg.update(architecture=config["architecture"], **source)
+    paper = (config.get("wszoo") or {}).get("paper") or (config.get("pretrained_cfg") or {}).get("paper")
+    if paper:
+        cfg["paper"] = paper
     if "num_classes" in args:
         cfg["num_classes"] = args["num_classes"]
     return cfg, args, weights
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
-
-
-def _saved_config(cfg: Mapping[str, Any], num_classes: Optional[int], in_chans: Optional[int],
-                  num_features: Optional[int], model_args: Mapping[str, Any],
-                  global_pool: Optional[str] = None) -> Dict[str, Any]:
-    args = {**model_args, "num_classes": num_classes, "in_chans": in_chans}
-    return {
-        "architecture": cfg["architecture"],
-        "num_classes": num_classes,
-        "in_chans": in_chans,
-        "global_pool": global_pool,
-        "num_features": num_features,
-        "model_args": _jsonable({k: v for k, v in args.items() if v is not None}),
-        "pretrained_cfg": _jsonable(dict(cfg)),
-    }
-
-
-def _model_card(config: Mapping[str, Any], num_params: int, class_name: str) -> str:
-    cfg = config["pretrained_cfg"]
-    lines = [
-        "---", "library_name: wszoo", "tags:", "- image-classification", "- weight-standardization",
-        f"license: {cfg.get('license', 'other')}", "---", "",
-        f"# {config['architecture']}" + (f".{cfg['tag']}" if cfg.get("tag") else ""), "",
-        f"A `{class_name}` saved by wszoo ({num_params / 1e6:.1f}M parameters, "
-        f"{config.get('num_classes')} classes).", "",
-        "```python", "import wszoo", "model = wszoo.create_model('hf-hub:<this repo>')", "```", "",
-        f"Preprocessing: input {list(cfg.get('input_size', []))}, crop_pct {cfg.get('crop_pct')}, "
-        f"{cfg.get('interpolation')} interpolation, mean {list(cfg.get('mean', []))}, std {list(cfg.get('std', []))}.",
-    ]
-    if cfg.get("paper"):
-        lines += ["", f"Paper: {cfg['paper']}"]
-    if cfg.get("top1") is not None:
-        lines += ["", f"Published ImageNet top-1: {cfg['top1']} ({cfg.get('top1_source', 'source not given')})."]
-    return "\n".join(lines) + "\n"
 
 
 def is_saved_model_dir(directory: str) -> bool:
@@ -337,26 +361,35 @@ def _write_saved_model(out: Path, state_dict: Mapping[str, torch.Tensor], config
                          f"tensor(s): {', '.join(bad[:10])}")
     out.mkdir(parents=True, exist_ok=True)
     num_params = sum(v.numel() for v in tensors.values() if v.is_floating_point())
+    ours = config.get("wszoo") or {}
+    metadata = {"format": "pt", "architecture": config["architecture"],
+                METADATA_KEY: json.dumps({"weights": ours.get("weights"), "sha256": ours.get("sha256")})}
     atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
-    atomic_write_text(out / CARD_NAME, _model_card(config, num_params, class_name))
+    atomic_write_text(out / CARD_NAME, render_card(config, num_params, class_name))
     with atomic_path(out / WEIGHTS_NAME) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt", "architecture": config["architecture"]})
+        save_file(tensors, tmp, metadata=metadata)
 
 
-def save_pretrained(model: nn.Module, save_dir: str) -> str:
+def save_pretrained(model: nn.Module, save_dir: str, training: Optional[TrainingRecord] = None) -> str:
     """Write ``model.safetensors``, ``config.json`` and a ``README.md`` card into ``save_dir``: a directory
-    ``create_model('local-dir:...')``, ``create_model('hf-hub:...')`` and :func:`push_to_hub` read.
+    ``create_model('local-dir:...')``, ``create_model('hf-hub:...')``, timm's ``create_model`` (for the
+    architectures timm has) and :func:`push_to_hub` read.
 
     The config records the model as it is now: its class count (after ``reset_classifier`` too, 0
-    included), input channels, global pooling, and the other arguments it was built with. Each file is
-    written atomically; a non-empty directory that is not a saved model, and non-finite weights, are refused.
+    included), input channels, global pooling, and the other arguments it was built with; and what its
+    weights are (:mod:`wszoo.provenance`): a published tag and its accuracy only while the weights are that
+    checkpoint unchanged. A training run passes ``training`` (:class:`wszoo.provenance.TrainingRecord`: the
+    dataset, the accuracy it measured on these weights, the class names). Each file is written atomically;
+    a non-empty directory that is not a saved model, and non-finite weights, are refused.
     """
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     if not cfg.get("architecture"):
         raise ValueError("save_pretrained needs a model made by wszoo.create_model (it has no pretrained_cfg)")
-    config = _saved_config(cfg, getattr(model, "num_classes", None), getattr(model, "in_chans", None),
-                           getattr(model, "num_features", None), dict(getattr(model, "model_args", None) or {}),
-                           global_pool=getattr(model, "global_pool_type", None))
+    in_chans = getattr(model, "in_chans", None) or int((cfg.get("input_size") or (3,))[0])
+    config = build_saved_config(
+        cfg, saved_weights(model, training), num_classes=getattr(model, "num_classes", None), in_chans=in_chans,
+        num_features=getattr(model, "num_features", None), model_args=dict(getattr(model, "model_args", None) or {}),
+        global_pool=getattr(model, "global_pool_type", None), training=training)
     _write_saved_model(Path(save_dir), model.state_dict(), config, type(model).__name__)
     return str(save_dir)
 

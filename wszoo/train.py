@@ -32,6 +32,7 @@ from .factory import create_model
 from .hub import WEIGHTS_NAME, save_pretrained
 from .models.helpers import freeze_stages
 from .optim import adaptive_clip_grad, agc_parameters
+from .provenance import finetune_record
 from .run_dir import RunDirectory, TrainingInterrupted, check_output, interruption, load_train_state, save_train_state
 from .speed import accumulate_ws, tune_cpu_allocator, ws_layers
 
@@ -288,14 +289,17 @@ def _save_epoch(run: _Run, out: RunDirectory, epoch: int, metrics: Dict[str, Any
     improved = top1 > best
     best = max(best, top1)
     eval_model = run.ema.module if run.ema is not None else run.model
+    # what each saved model is; the accuracy only beside the model it was measured on (the EMA copy if any)
+    evaluated, unevaluated = (finetune_record(run.args, run.loader.dataset, run.val_set, epoch + 1, top1_measured,
+                                              run.model.in_chans) for top1_measured in (metrics.get("val_top1"), None))
 
     def write(stage: Path) -> None:
         (stage / "metrics.jsonl").write_text("\n".join(history) + "\n")
-        save_pretrained(run.model, str(stage / "last"))
+        save_pretrained(run.model, str(stage / "last"), training=unevaluated if run.ema is not None else evaluated)
         if run.ema is not None:
-            save_pretrained(run.ema.module, str(stage / "ema"))
+            save_pretrained(run.ema.module, str(stage / "ema"), training=evaluated)
         if improved:
-            save_pretrained(eval_model, str(stage / "best"))
+            save_pretrained(eval_model, str(stage / "best"), training=evaluated)
         _save_train_state(stage, run, epoch, best)
 
     out.commit(write, replace_all=replace_all)
