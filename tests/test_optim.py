@@ -70,3 +70,67 @@ def test_attach_agc_skips_the_classifier():
     ratio = unitwise_norm(conv.weight.grad) / unitwise_norm(conv.weight.detach()).clamp_min(1e-3)
     assert ratio.max() <= 1e-4 * (1 + 1e-5)
     handle.remove()
+
+
+def _per_parameter_agc(params, clip_factor, eps):
+    """The definition, one parameter at a time (timm's loop): float32 norms, the factor in the gradient's dtype."""
+    for p in params:
+        if p.grad is None:
+            continue
+        max_norm = unitwise_norm(p.detach().float()).clamp_min(eps) * clip_factor
+        grad_norm = unitwise_norm(p.grad.float())
+        factor = torch.where(grad_norm > max_norm, max_norm / grad_norm.clamp_min(1e-6), torch.ones_like(grad_norm))
+        p.grad.mul_(factor.to(p.grad.dtype))
+
+
+def _hard_case_grads(model, dtype):
+    """Gradients of ``dtype`` on ``model``'s AGC parameters, with the cases a step meets: one parameter without a
+    gradient, one all-zero gradient, a weight with a zero row (eps sets its limit), unclipped small gradients."""
+    params = agc_parameters(model)
+    gen = torch.Generator().manual_seed(0)
+    for i, p in enumerate(params):
+        scale = 1e-6 if i % 5 == 0 else 0.05  # some units far below their limit: left as they are
+        p.grad = (torch.randn(p.shape, generator=gen) * scale).to(dtype)
+    params[1].grad = None
+    params[2].grad.zero_()
+    weights = [p for p in params if p.dim() > 1]
+    with torch.no_grad():
+        weights[3][0].zero_()
+    return params
+
+
+@pytest.mark.parametrize("name, eps", [("nf_regnet_b0", 1e-3), ("dm_nfnet_f0", 1e-3), ("nf_regnet_b0", 1e-5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("concatenate", [False, True], ids=["per-weight", "concatenated"])
+def test_all_at_once_equals_the_per_parameter_definition(name, eps, dtype, concatenate):
+    torch.manual_seed(0)
+    model = wszoo.create_model(name, num_classes=5).to(dtype)  # (a gradient has its parameter's dtype)
+    params = _hard_case_grads(model, dtype)
+    before = [None if p.grad is None else p.grad.clone() for p in params]
+    adaptive_clip_grad(params, 0.01, eps, concatenate=concatenate)
+    ours = [None if p.grad is None else p.grad.clone() for p in params]
+    for p, g in zip(params, before, strict=True):
+        p.grad = None if g is None else g.clone()
+    _per_parameter_agc(params, 0.01, eps)
+    assert ours[1] is None and torch.equal(ours[2], torch.zeros_like(ours[2]))
+    clipped = 0
+    for p, got, g0 in zip(params, ours, before, strict=True):
+        if got is None:
+            continue
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, p.grad, rtol=1e-6 if dtype == torch.float32 else 0, atol=0)
+        clipped += not torch.equal(got, g0)
+    assert clipped > len(params) // 2  # the test clips for real
+
+
+@pytest.mark.parametrize("name", ["nfnet_f0", "nf_resnet50"])
+def test_all_at_once_dispatches_a_few_operators(name):
+    """One AGC call (nfnet_f0: 221 parameters): the per-parameter loop dispatched 3,052 operators (nf_resnet50:
+    2,212); each is a kernel launch on a GPU."""
+    from wszoo.bench import count_dispatches
+
+    model = wszoo.create_model(name, num_classes=5)
+    params = _hard_case_grads(model, torch.float32)
+    assert count_dispatches(lambda: _per_parameter_agc(params, 0.01, 1e-3)) > 2000
+    assert count_dispatches(lambda: adaptive_clip_grad(params, 0.01)) <= 300
+    assert count_dispatches(lambda: adaptive_clip_grad(params, 0.01, concatenate=True)) <= 150  # (GPUs)
