@@ -69,6 +69,13 @@ def run_cli(argv, cwd=None):
         return os.waitstatus_to_exitcode(status), out.read().decode(), err.read().decode()
 
 
+def child_log(proc) -> str:
+    """Everything a finished child process (``subprocess.run(..., capture_output=True, text=True)``) said, for a
+    failed assertion: its exit status and its whole stderr and stdout. A crash's cause is often its first line
+    (torchrun's summary of a rank killed by a signal comes after it), so nothing is cut."""
+    return f"exit status {proc.returncode}\n--- stderr ---\n{proc.stderr}\n--- stdout ---\n{proc.stdout}"
+
+
 def interrupt_second_epoch(argv, out, cwd):
     """Run ``python -m wszoo ARGV`` as a user does, wait until its first epoch is committed to ``out`` (a run
     directory), then press Ctrl-C (SIGINT) during the second. Returns ``(returncode, stderr)``."""

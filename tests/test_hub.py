@@ -248,7 +248,8 @@ def test_original_pickle_with_wrong_hash_is_refused(hf_env):
 
 def test_original_pickle_offline_says_how_to_convert(hf_env, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(PretrainedWeightsError, match="wszoo convert FILE --source pth --model resnet50_gn_ws"):
+    with pytest.raises(PretrainedWeightsError, match="wszoo convert resnet50_gn_ws-15beedd8.pth --source pth --model "
+                       "resnet50_gn_ws.jhu_in1k -o"):
         wszoo.create_model("resnet50_gn_ws", pretrained=True)
 
 
@@ -266,7 +267,8 @@ def test_convert_cli_qiao_pth_tar(tmp_path, capsys):
     (tmp_path / "bad.pth").write_bytes(b"\x80\x04junk")
     assert main(["convert", str(tmp_path / "bad.pth"), "--source", "pth", "--model", "resnet50_gn_ws",
                  "-o", str(tmp_path / "o")]) == 2
-    assert "not a loadable weights-only PyTorch checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is not readable as a weights-only PyTorch checkpoint" in err and "weights_only` set to `False`" not in err
 
 
 def test_weights_only_refuses_code(tmp_path):
@@ -281,7 +283,7 @@ def test_weights_only_refuses_code(tmp_path):
     import pickle
 
     (tmp_path / "evil.pth").write_bytes(pickle.dumps({"state_dict": {"a": Evil()}}))
-    with pytest.raises(CheckpointError, match="not a loadable weights-only"):
+    with pytest.raises(CheckpointError, match="not readable as a weights-only PyTorch checkpoint"):
         read_torch_checkpoint(str(tmp_path / "evil.pth"))
 
 

@@ -6,12 +6,15 @@ Pickled checkpoints (``.pth``, ``.bin``, ...) can run arbitrary code when loaded
 """
 import json
 import os
+import warnings
 from typing import Dict, Iterable, List, Mapping, Optional
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
+
+from .errors import Fix, FixableError
 
 __all__ = ["CheckpointError", "read_safetensors", "read_torch_checkpoint", "check_state_dict", "load_checkpoint",
            "strip_prefix", "non_finite_tensors", "saved_architecture", "safetensors_metadata",
@@ -21,7 +24,7 @@ _PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".pkl", ".pickle", ".tar", ".ckpt")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FixableError, ValueError):
     """A checkpoint that cannot be loaded as asked; the model it was meant for is left unchanged."""
 
 
@@ -60,6 +63,28 @@ def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {path!r} is not a readable safetensors file: {e}") from e
 
 
+#: What ``wszoo convert --source pth`` takes, said wherever a file is not that.
+_CONVERT_READS = ("`wszoo convert --source pth` reads torch.save files (zip or legacy pickle) of tensors: a state "
+                  "dict, alone or under 'state_dict' or 'model'")
+
+
+def _why_not_weights_only(path: str, error: Exception) -> str:
+    """The one fact that matters from ``torch.load``'s error: whose advice (load with weights_only=False) is
+    not for a file of unknown origin, and is left out."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not (head.startswith(_ZIP_MAGIC[:2]) or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)):
+        return "not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle)"
+    text = str(error)
+    if "GLOBAL " in text:  # "Unsupported global: GLOBAL pkg.Class was not an allowed global ..."
+        name = text.split("GLOBAL ", 1)[1].split()[0]
+        return (f"a pickle that asks to build {name}, which weights-only loading refuses (it would run code "
+                "from the file)")
+    detail = text.split("WeightsUnpickler error:", 1)[-1].strip().split("\n")[0].strip() \
+        if "WeightsUnpickler error:" in text else text.strip().split(". ")[0]
+    return f"not readable as a weights-only PyTorch checkpoint ({detail[:200]})"
+
+
 def read_torch_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     """The tensors of a ``torch.save`` checkpoint, via ``torch.load(weights_only=True)`` (no code runs);
     unwraps ``{'state_dict': ...}`` / ``{'model': ...}`` and drops non-tensor entries."""
@@ -67,18 +92,20 @@ def read_torch_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path!r} does not exist or is not a file")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol is no news to the reader
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types
-        raise CheckpointError(f"{path!r} is not a loadable weights-only PyTorch checkpoint: {e}") from e
+        raise CheckpointError(f"{path!r} is {_why_not_weights_only(path, e)}; {_CONVERT_READS}") from e
     for key in ("state_dict", "model"):
         if isinstance(data, Mapping) and isinstance(data.get(key), Mapping):
             data = data[key]
             break
     if not isinstance(data, Mapping):
-        raise CheckpointError(f"{path!r} holds a {type(data).__name__}, not a state dict")
+        raise CheckpointError(f"{path!r} holds a {type(data).__name__}, not a state dict; {_CONVERT_READS}")
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise CheckpointError(f"{path!r} holds no tensors")
+        raise CheckpointError(f"{path!r} holds no tensors; {_CONVERT_READS}")
     return strip_prefix(tensors)
 
 
@@ -131,9 +158,10 @@ def require_same_architecture(model: nn.Module, path: str) -> None:
     theirs = saved_architecture(path)
     if ours and theirs and ours != theirs:
         raise CheckpointError(
-            f"checkpoint {os.fspath(path)!r} was saved from {theirs}, not {ours}: load it with --model {theirs} "
-            f"(or create_model('{theirs}', checkpoint_path=...)), or pass check_architecture=False to "
-            "load_checkpoint if the mismatch is deliberate"
+            f"checkpoint {os.fspath(path)!r} was saved from {theirs}, not {ours}{{model_name}}{{check_architecture}}",
+            Fix("model_name", repr(theirs), phrase=": load it with {}", call="create_model"),
+            Fix("check_architecture", "False", phrase=", or pass {} if the mismatch is deliberate",
+                call="load_checkpoint"),
         )
 
 

@@ -18,6 +18,8 @@ from typing import Any, List, Optional, Sequence
 import torch
 
 from . import registry
+from .distributed import leave_process_group
+from .errors import Fix, FixableError
 from .factory import create_model
 from .hub import PretrainedWeightsError
 
@@ -248,12 +250,22 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.action == "train":
+        _output_defaults_to_resume(args)
         metrics = detect_train(args)
         if _rank0():  # every rank returns the metrics; one copy of them on stdout
             print(json.dumps(metrics))
     else:
         print(format_ap(detect_eval(args)))
     return 0
+
+
+def _output_defaults_to_resume(args: argparse.Namespace) -> None:
+    """``--resume runs/x`` alone continues the run in runs/x; without either flag there is no run directory."""
+    if args.output is None:
+        if not args.resume:
+            raise ValueError("--output DIR is required: where the run is written (or --resume DIR alone, to "
+                             "continue the run in DIR)")
+        args.output = args.resume
 
 
 def _format_results(result: dict, fmt: str) -> str:
@@ -332,6 +344,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from .train import finetune
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _output_defaults_to_resume(args)
     metrics = finetune(args)
     if _rank0():  # every rank returns the metrics; one copy of them on stdout
         print(json.dumps(metrics))
@@ -435,7 +448,8 @@ def _add_finetune_parser(sub) -> None:
     _count_arg(p, "--limit-val", default=None)
     p.add_argument("--seed", type=int, default=0)
     _count_arg(p, "--log-interval", least=0, default=50)
-    p.add_argument("--output", required=True, help="directory for checkpoints (last/, best/) and metrics.jsonl")
+    p.add_argument("--output", default=None,
+                   help="directory for checkpoints (last/, best/) and metrics.jsonl (default: the --resume directory)")
     p.add_argument("--resume", default=None, help="a previous --output directory to continue from")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --output (by default an existing run is refused)")
@@ -556,7 +570,8 @@ def _add_detect_parser(sub) -> None:
     _count_arg(t, "-j", "--workers", least=0, default=0)
     t.add_argument("--seed", type=int, default=0)
     _count_arg(t, "--log-interval", least=0, default=20)
-    t.add_argument("--output", required=True, help="directory for last/, best/, metrics.jsonl and the train state")
+    t.add_argument("--output", default=None, help="directory for last/, best/, metrics.jsonl and the train state "
+                                                  "(default: the --resume directory)")
     t.add_argument("--resume", default=None, help="a previous --output directory to continue from")
     t.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
     t.set_defaults(func=_cmd_detect)
@@ -581,11 +596,38 @@ def _add_demo_parser(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+#: Library parameters whose flag has another name (the flag's ``dest``); any other parameter's flag is its own name.
+_PARAM_DESTS = {"checkpoint_path": "checkpoint", "model_name": "model"}
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse's parser, with usage errors on one line (the usage text is one ``-h`` away)."""
+    """argparse's parser, with usage errors on one line (the usage text is one ``-h`` away), and the flag that
+    spells a library parameter in an error's remedy."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} -h`)\n")
+
+    def flag_for(self, fix: Fix) -> Optional[str]:
+        """``fix`` as this command's flag (``--no-pretrained-backbone``, ``--checkpoint DIR``), or ``None`` when
+        the command has no flag for it. (argparse keeps its actions in ``_actions`` only.)"""
+        dest = _PARAM_DESTS.get(fix.param, fix.param)
+        for action in (a for a in self._actions if a.dest == dest and a.option_strings):
+            flag = max(action.option_strings, key=len)
+            if action.nargs != 0:
+                return f"{flag} {fix.typed_value()}"
+            if repr(action.const) == fix.value:  # a switch: the one that sets the value
+                return flag
+        return None
+
+    def command_parser(self, args: argparse.Namespace) -> "_Parser":
+        """The sub-parser of the command that ran (``detect train``'s for ``wszoo detect train``)."""
+        parser = self
+        for name in (args.command, getattr(args, "action", None)):
+            subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+            if not name or not subparsers:
+                break
+            parser = subparsers[0].choices[name]
+        return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -606,10 +648,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(error: BaseException) -> str:
-    """An expected error as one line. A DataLoader worker's error arrives with the worker's traceback in its
-    message; the line that matters is the original error's, at the end."""
-    text = str(error).strip() or type(error).__name__
+def _one_line(error: BaseException, parser: _Parser) -> str:
+    """An expected error as one line, its remedies spelled as the command's flags. A DataLoader worker's error
+    arrives with the worker's traceback in its message; the line that matters is the original error's, at the
+    end."""
+    text = error.render(parser.flag_for) if isinstance(error, FixableError) else str(error)
+    text = text.strip() or type(error).__name__
     lines = text.splitlines()
     if "Original Traceback" in text:
         last = lines[-1]
@@ -633,7 +677,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run one ``wszoo`` command. Expected errors (bad input, missing files, unknown models, unreachable
     weights) print one line and exit 2; Ctrl-C prints one line and exits 130; a diverged fine-tune exits 1.
     Only a bug prints a traceback."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     prefix = " ".join(["wszoo", args.command] + ([args.action] if getattr(args, "action", None) else []))
     try:
         for check in getattr(args, "ranges", None) or []:
@@ -653,6 +698,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             _report(f"{prefix}: error: {e}")
             return 1
         if isinstance(e, (ValueError, OSError, NotImplementedError, PretrainedWeightsError)):
-            _report(f"{prefix}: error: {_one_line(e)}")
+            _report(f"{prefix}: error: {_one_line(e, parser.command_parser(args))}")
             return 2
         raise
+    finally:
+        leave_process_group()

@@ -30,6 +30,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .checkpoint import CheckpointError, check_state_dict, non_finite_tensors, read_torch_checkpoint
+from .errors import Fix, UsageError
 from .factory import create_model
 from .files import atomic_path, check_writable_parent
 from .hub import CONFIG_NAME, PretrainedWeightsError, is_saved_model_dir, read_saved_config, save_pretrained
@@ -104,7 +105,8 @@ def check_output(out: str, force: bool = False) -> None:
     if not target.exists():
         return
     if not force:
-        raise ValueError(f"output {out!r} already exists; pass --force (force=True) to replace it")
+        raise UsageError(f"output {out!r} already exists{{force}}",
+                         Fix("force", "True", phrase="; pass {} to replace it"))
     if target.is_dir() and any(target.iterdir()) and not is_saved_model_dir(out):
         raise ValueError(f"output {out!r} is a directory holding other files, not a saved model: refusing to "
                          "write into it even with --force")

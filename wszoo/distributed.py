@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["init_distributed", "is_main_process", "all_reduce_gradients"]
+__all__ = ["init_distributed", "is_main_process", "all_reduce_gradients", "leave_process_group"]
 
 
 def init_distributed() -> Tuple[int, int, torch.device]:
@@ -26,6 +26,15 @@ def init_distributed() -> Tuple[int, int, torch.device]:
     if torch.cuda.is_available():
         device = torch.device("cuda")
     return 0, 1, device
+
+
+def leave_process_group() -> None:
+    """End this process's part in the process group, if it has one: called when a command ends, after its last
+    collective. A gloo process that exits with its group alive can abort at exit (SIGABRT, 'terminate called
+    without an active exception': the group's threads are still running when the process tears down), more
+    often the longer the other ranks keep working (rank 0 writing results, a loaded machine)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_main_process() -> bool:

@@ -12,12 +12,16 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import tempfile
+import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
+from urllib.parse import urlsplit
 
 import torch
 import torch.nn as nn
+from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -38,6 +42,7 @@ from .checkpoint import (
     safetensors_metadata,
     strip_prefix,
 )
+from .errors import Fix, FixableError
 from .files import atomic_path, atomic_write_text
 from .provenance import (
     METADATA_KEY,
@@ -65,7 +70,7 @@ WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(FixableError, RuntimeError):
     """Published weights that cannot be had: not cached while offline, missing on the Hub, bad download."""
 
 
@@ -82,24 +87,54 @@ def wszoo_cache_dir() -> Path:
     return Path(os.environ.get("WSZOO_CACHE") or Path.home() / ".cache" / "wszoo")
 
 
+#: How long a connection to a download host may take before the host counts as unreachable.
+CONNECT_TIMEOUT_S = 5.0
+
+
+def _unreachable(url: str) -> Optional[str]:
+    """Why ``url``'s host cannot be reached now (its name does not resolve, the connection is refused or
+    times out), or ``None``. Asked before a download because huggingface_hub retries a dead network with
+    1+2+4+8+8 s of backoff (~23 s) before it gives up; behind a proxy the proxy decides, so ``None``."""
+    parts = urlsplit(url)
+    host, scheme = parts.hostname, parts.scheme or "https"
+    if not host or (urllib.request.getproxies().get(scheme) and not urllib.request.proxy_bypass(host)):
+        return None
+    port = parts.port or (443 if scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
+            return None
+    except socket.gaierror as e:
+        return f"{host} cannot be resolved: {e.strerror or e}"
+    except OSError as e:  # refused, unreachable network, timed out
+        return f"connecting to {host}:{port} failed: {e.strerror or e or type(e).__name__}"
+
+
+def _hub_fix(repo_id: str, filename: str, revision: Optional[str], reason: str) -> PretrainedWeightsError:
+    return PretrainedWeightsError(
+        f"{filename} of {repo_id}{'@' + revision if revision else ''} is not in the local Hugging Face cache "
+        f"({os.environ.get('HF_HUB_CACHE') or hf_constants.HF_HUB_CACHE}) and {reason}. Fetch it once where the Hub "
+        f"is reachable (`hf download {repo_id} {filename}" + (f" --revision {revision}" if revision else "")
+        + "`) and copy that cache here (or point HF_HUB_CACHE at it){checkpoint_path}.",
+        Fix("checkpoint_path", "'<local .safetensors>'", cli_value="FILE", phrase=", or pass {}"),
+    )
+
+
 def download_from_hub(repo_id: str, filename: str, revision: Optional[str] = None) -> str:
-    """``hf_hub_download`` with the environment read now and errors that say what to do next."""
-    where = f"{repo_id}@{revision}" if revision else repo_id
+    """``hf_hub_download`` with the environment read now and errors that say what to do next. A Hub whose
+    host cannot be reached is not retried: the cache answers, or the error comes at once."""
+    endpoint = os.environ.get("HF_ENDPOINT") or hf_constants.ENDPOINT
+    why_not = None if _offline() else _unreachable(endpoint)
     try:
         return hf_hub_download(
             repo_id, filename, revision=revision,
             cache_dir=os.environ.get("HF_HUB_CACHE") or None,
             endpoint=os.environ.get("HF_ENDPOINT") or None,
-            local_files_only=_offline(),
+            local_files_only=_offline() or why_not is not None,
         )
     except LocalEntryNotFoundError as e:
-        reason = "HF_HUB_OFFLINE is set" if _offline() else "the Hub could not be reached"
-        raise PretrainedWeightsError(
-            f"{filename} of {where} is not in the local Hugging Face cache and {reason}. Fetch it once where the "
-            f"Hub is reachable (`hf download {repo_id} {filename}`"
-            + (f" --revision {revision}" if revision else "")
-            + ") and copy the cache (HF_HUB_CACHE) here, or pass checkpoint_path=<local .safetensors>."
-        ) from e
+        reason = ("HF_HUB_OFFLINE is set" if _offline() else
+                  f"the Hub cannot be reached ({why_not})" if why_not else "the Hub could not be reached")
+        raise _hub_fix(repo_id, filename, revision, reason) from e
     except RepositoryNotFoundError as e:
         raise PretrainedWeightsError(f"Hub repository {repo_id!r} does not exist (or is private): {e}") from e
     except RevisionNotFoundError as e:
@@ -107,7 +142,7 @@ def download_from_hub(repo_id: str, filename: str, revision: Optional[str] = Non
     except EntryNotFoundError as e:
         raise PretrainedWeightsError(f"{repo_id!r} has no file {filename!r} at {revision or 'main'}") from e
     except HfHubHTTPError as e:
-        raise PretrainedWeightsError(f"downloading {filename} from {where} failed: {e}") from e
+        raise PretrainedWeightsError(f"downloading {filename} from {repo_id} failed: {e}") from e
 
 
 def _sha256(path: Path) -> str:
@@ -116,6 +151,19 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _original_fix(cfg: Mapping[str, Any], target: Path, reason: str) -> PretrainedWeightsError:
+    """How to get a pickle-published checkpoint by hand: the URL, and the conversion that puts it where
+    ``pretrained`` finds it (or anywhere, then loaded as a checkpoint)."""
+    url, name = cfg["url"], f"{cfg['architecture']}.{cfg['tag']}"
+    return PretrainedWeightsError(
+        f"{name} is published only as a PyTorch pickle, {url}, and it was not converted here yet; {reason}. "
+        f"Download that file where the network is reachable and convert it once into the cache wszoo reads: "
+        f"`wszoo convert {os.path.basename(url)} --source pth --model {name} -o {target}`{{checkpoint_path}}.",
+        Fix("checkpoint_path", "'<DIR>/model.safetensors'", cli_value="DIR",
+            phrase=" (or convert it with `-o DIR` anywhere and pass {})"),
+    )
 
 
 def _converted_original(cfg: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -127,19 +175,16 @@ def _converted_original(cfg: Mapping[str, Any], model: nn.Module) -> Dict[str, t
     if (target / WEIGHTS_NAME).is_file():
         return strip_prefix(read_safetensors(str(target / WEIGHTS_NAME)))
     url = cfg["url"]
-    if _offline():
-        raise PretrainedWeightsError(
-            f"{name} is published as a PyTorch pickle at {url} and has not been converted here yet, and "
-            f"HF_HUB_OFFLINE is set. Download that file elsewhere and run `wszoo convert FILE --source pth "
-            f"--model {cfg['architecture']} -o {target}`."
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)  # also where the error's `wszoo convert -o` writes
+    why_not = "HF_HUB_OFFLINE is set" if _offline() else _unreachable(url)
+    if why_not:
+        raise _original_fix(cfg, target, why_not)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         raw = Path(tmp) / os.path.basename(url)
         try:
             torch.hub.download_url_to_file(url, str(raw), progress=True)
         except Exception as e:  # urllib raises several kinds
-            raise PretrainedWeightsError(f"downloading {url} for {name} failed: {e}") from e
+            raise _original_fix(cfg, target, f"downloading it failed: {e}") from e
         expected = cfg.get("url_sha256_prefix")
         digest = _sha256(raw)
         if expected and not digest.startswith(expected):

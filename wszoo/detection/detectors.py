@@ -18,6 +18,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.models.detection.retinanet import RetinaNetHead
 
 from .. import speed
+from ..errors import Fix, UsageError
 from ..hub import PretrainedWeightsError
 from ..layers import convert_convs_to_ws
 from .backbone import WSBackboneWithFPN, has_published_weights
@@ -44,6 +45,11 @@ def _box_head(channels: int, ws_style: str, ws_eps: Optional[float]) -> nn.Modul
     return head
 
 
+#: The way out when a backbone's published weights cannot be had: train from random ones.
+_RANDOM_BACKBONE = Fix("pretrained_backbone", "False", phrase="; to train from random ones pass {}",
+                       call="build_detector")
+
+
 def recipe_defaults(backbone: str, pretrained_backbone: Optional[bool], frozen_stages: Optional[int]
                     ) -> Dict[str, Any]:
     """The GN+WS recipe's choices for a named backbone: its published weights when it has a tag (and only
@@ -53,8 +59,8 @@ def recipe_defaults(backbone: str, pretrained_backbone: Optional[bool], frozen_s
     if pretrained_backbone is None:
         pretrained_backbone = published
     elif pretrained_backbone and not published:
-        raise ValueError(f"{backbone} has no published weights (see wszoo.list_pretrained()); pass "
-                         "pretrained_backbone=False")
+        raise UsageError(f"{backbone} has no published weights (see wszoo.list_pretrained()){{pretrained_backbone}}",
+                         _RANDOM_BACKBONE)
     if frozen_stages is None:
         frozen_stages = 1 if pretrained_backbone else -1
     return {"pretrained": pretrained_backbone, "frozen_stages": frozen_stages}
@@ -90,9 +96,9 @@ def _neck(kind: str, backbone: Union[str, nn.Module], pretrained_backbone: Optio
     try:
         neck = WSBackboneWithFPN(backbone, out_indices=levels, extra=extra, ws_style=ws_style,
                                  **recipe, **(backbone_kwargs or {}))
-    except PretrainedWeightsError as e:
-        raise PretrainedWeightsError(f"{e} The detection recipe starts from {backbone}'s published weights; "
-                                     "build_detector(..., pretrained_backbone=False) trains from random ones.") from e
+    except PretrainedWeightsError as e:  # (a backbone's checkpoint_path is no argument of the detector's)
+        raise e.extended(f" The detection recipe starts from {backbone}'s published weights{{pretrained_backbone}}.",
+                         _RANDOM_BACKBONE, drop=("checkpoint_path",)) from e
     frozen = sum(not p.requires_grad for p in neck.body.parameters())
     _logger.info("%s on %s: %s backbone weights, %s; neck and heads WS style %s (eps %s)", kind, backbone,
                  "published" if recipe["pretrained"] else "random",

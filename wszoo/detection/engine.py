@@ -57,8 +57,15 @@ def save_detector(model: nn.Module, directory: Path, build_args: Dict[str, Any])
                   metadata={"format": "pt", "detector": build_args["kind"], "backbone": build_args["backbone"]})
 
 
+class _Silenced(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
 def load_detector(directory: str) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Rebuild a detector saved by :func:`save_detector` (random backbone, nothing frozen) and load it."""
+    """Rebuild a detector saved by :func:`save_detector` and load its trained weights. The skeleton is built
+    without published weights and without freezing; build_detector's line about that start is not logged
+    (it would describe weights that are replaced at once), one line about the loaded ones is."""
     config_path = Path(directory) / DETECTOR_CONFIG
     if not config_path.is_file():
         raise ValueError(f"{directory} has no {DETECTOR_CONFIG}: not a detector saved by wszoo detect train")
@@ -66,8 +73,15 @@ def load_detector(directory: str) -> Tuple[nn.Module, Dict[str, Any]]:
         build_args = json.loads(config_path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise ValueError(f"{config_path} is not readable JSON: {e}") from e
-    model = _build(build_args, pretrained_backbone=False)
-    load_checkpoint(model, str(Path(directory) / WEIGHTS))
+    silenced = _Silenced()
+    _logger.addFilter(silenced)
+    try:
+        model = _build(build_args, pretrained_backbone=False)
+    finally:
+        _logger.removeFilter(silenced)
+    weights = Path(directory) / WEIGHTS
+    load_checkpoint(model, str(weights))
+    _logger.info("%s on %s: trained weights from %s", build_args["kind"], build_args["backbone"], weights)
     return model, build_args
 
 
