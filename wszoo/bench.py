@@ -40,8 +40,9 @@ from .files import atomic_write_text
 from .layers.grouped import standardize_layers
 from .speed import accumulate_ws, fold_ws, group_ws, tune_cpu_allocator, ws_layers
 
-__all__ = ["benchmark_model", "benchmark_detector", "run_benchmarks", "format_report", "write_report",
-           "time_interleaved", "train_step_fn", "count_dispatches", "DEFAULT_MODELS"]
+__all__ = ["benchmark_model", "run_benchmarks", "format_report", "write_report",
+           "time_interleaved", "train_step_fn", "count_dispatches", "DEFAULT_MODELS", "timing_entry", "ratio",
+           "saved_bytes", "machine_info", "prepare_run", "check_device"]
 
 #: The models the speed issue's targets are stated for.
 DEFAULT_MODELS = ("resnetv2_50x1_bit", "nf_resnet50", "resnet50_gn_ws")
@@ -70,13 +71,13 @@ def time_interleaved(fns: Dict[str, Callable[[], Any]], repeats: int, warmup: in
     return {k: min(v) for k, v in times.items()}
 
 
-def _entry(best: Dict[str, float], medians: Dict[str, float], digits: int = 1) -> Dict[str, float]:
+def timing_entry(best: Dict[str, float], medians: Dict[str, float], digits: int = 1) -> Dict[str, float]:
     entry = {f"{k}_ms": round(v * 1e3, digits) for k, v in best.items()}
     entry.update({f"{k}_median_ms": round(v * 1e3, digits) for k, v in medians.items()})
     return entry
 
 
-def _saved_bytes(step: Callable[[], Any], model: Optional[nn.Module] = None) -> int:
+def saved_bytes(step: Callable[[], Any], model: Optional[nn.Module] = None) -> int:
     """Bytes of the tensors autograd saves for backward while ``step`` runs, and those the grouped
     standardization of ``model``'s WS layers keeps for its backward (distinct storages)."""
     seen: Dict[int, int] = {}
@@ -125,7 +126,7 @@ def _cuda_peak(device: torch.device, fn: Callable[[], Any]) -> Optional[int]:
     return int(torch.cuda.max_memory_allocated(device))
 
 
-def _ratio(a: float, b: float) -> float:
+def ratio(a: float, b: float) -> float:
     return round(a / b, 3)
 
 
@@ -144,8 +145,8 @@ def _ort_session(model: nn.Module, size: int, tmp_dir: str):
     options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
     # ORT's worker threads spin for a while after each run by default: timed interleaved, they would take the
     # cores from whichever variant runs next (measured: the WS model's batch-1 eval went from 1.01x to 1.5x)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.add_session_configtiming_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_configtiming_entry("session.inter_op.allow_spinning", "0")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -177,12 +178,12 @@ def _bench_eval(model: nn.Module, plain: nn.Module, name: str, size: int, eval_b
         med: Dict[str, float] = {}
         with torch.inference_mode():
             t = time_interleaved(fns, eval_repeats if batch == 1 else max(repeats, 5), warmup, dev, med)
-        entry = _entry(t, med, 2)
-        entry["ws_vs_folded"] = ratios[f"eval_b{batch}_ws_vs_folded"] = _ratio(t["ws"], t["folded"])
+        entry = timing_entry(t, med, 2)
+        entry["ws_vs_folded"] = ratios[f"eval_b{batch}_ws_vs_folded"] = ratio(t["ws"], t["folded"])
         if "timm" in t:
-            entry["timm_vs_folded"] = ratios[f"eval_b{batch}_timm_vs_folded"] = _ratio(t["timm"], t["folded"])
+            entry["timm_vs_folded"] = ratios[f"eval_b{batch}_timm_vs_folded"] = ratio(t["timm"], t["folded"])
         if "ort" in t:
-            entry["ort_vs_folded"] = ratios[f"eval_b{batch}_ort_vs_folded"] = _ratio(t["ort"], t["folded"])
+            entry["ort_vs_folded"] = ratios[f"eval_b{batch}_ort_vs_folded"] = ratio(t["ort"], t["folded"])
         result[f"batch{batch}"] = entry
     return result
 
@@ -216,32 +217,32 @@ def _bench_train(model: nn.Module, plain: nn.Module, size: int, train_batch: int
     t = time_interleaved(fns, repeats, warmup, dev, med)
     t["ws"], med["ws"] = t[default], med[default]
     fns["ws"] = fns[default]
-    entry = _entry(t, med)
+    entry = timing_entry(t, med)
     entry["default"] = default
-    entry["ws_vs_plain"] = ratios[f"train_b{train_batch}_ws_vs_plain"] = _ratio(t["ws"], t["plain"])
+    entry["ws_vs_plain"] = ratios[f"train_b{train_batch}_ws_vs_plain"] = ratio(t["ws"], t["plain"])
     entry["grouped_vs_plain"] = ratios[f"train_b{train_batch}_grouped_vs_plain"] = \
-        _ratio(t["ws_grouped"], t["plain"])
+        ratio(t["ws_grouped"], t["plain"])
     entry["grouped_vs_per_layer"] = ratios[f"train_b{train_batch}_grouped_vs_per_layer"] = \
-        _ratio(t["ws_grouped"], t["ws_per_layer"])
+        ratio(t["ws_grouped"], t["ws_per_layer"])
     plain_ops = count_dispatches(fns["plain"])
     entry["extra_dispatches"] = {"grouped": count_dispatches(fns["ws_grouped"]) - plain_ops,
                                  "per_layer": count_dispatches(fns["ws_per_layer"]) - plain_ops,
                                  "plain_step": plain_ops}
     if channels_last:
         entry["ws_cl_vs_plain_cl"] = ratios[f"train_b{train_batch}_channels_last_ws_vs_plain"] = \
-            _ratio(t["ws_cl"], t["plain_cl"])
+            ratio(t["ws_cl"], t["plain_cl"])
         entry["ws_cl_vs_ws"] = ratios[f"train_b{train_batch}_ws_channels_last_vs_contiguous"] = \
-            _ratio(t["ws_cl"], t["ws"])
+            ratio(t["ws_cl"], t["ws"])
     memory = {
-        "train_saved_for_backward_mb_ws": round(_saved_bytes(fns["ws_per_layer"]) / 2**20, 1),
-        "train_saved_for_backward_mb_ws_grouped": round(_saved_bytes(fns["ws_grouped"], grouped) / 2**20, 1),
-        "train_saved_for_backward_mb_plain": round(_saved_bytes(fns["plain"]) / 2**20, 1),
+        "train_saved_for_backward_mb_ws": round(saved_bytes(fns["ws_per_layer"]) / 2**20, 1),
+        "train_saved_for_backward_mb_ws_grouped": round(saved_bytes(fns["ws_grouped"], grouped) / 2**20, 1),
+        "train_saved_for_backward_mb_plain": round(saved_bytes(fns["plain"]) / 2**20, 1),
     }
     peak_ws, peak_plain = _cuda_peak(dev, fns["ws"]), _cuda_peak(dev, fns["plain"])
     if peak_ws is not None and peak_plain is not None:
         memory["train_cuda_peak_mb_ws"] = round(peak_ws / 2**20, 1)
         memory["train_cuda_peak_mb_plain"] = round(peak_plain / 2**20, 1)
-        ratios["train_cuda_peak_ws_vs_plain"] = _ratio(peak_ws, peak_plain)
+        ratios["train_cuda_peak_ws_vs_plain"] = ratio(peak_ws, peak_plain)
     return entry, memory
 
 
@@ -308,10 +309,10 @@ def _bench_accumulate(model: nn.Module, plain: nn.Module, size: int, accum_steps
     }
     med: Dict[str, float] = {}
     t = time_interleaved(fns, repeats, warmup, dev, med)
-    entry = _entry(t, med)
-    entry["ws_vs_plain"] = ratios[f"accum{accum_steps}x1_ws_vs_plain"] = _ratio(t["ws"], t["plain"])
+    entry = timing_entry(t, med)
+    entry["ws_vs_plain"] = ratios[f"accum{accum_steps}x1_ws_vs_plain"] = ratio(t["ws"], t["plain"])
     entry["ws_accumulate_vs_plain"] = ratios[f"accum{accum_steps}x1_ws_accumulate_vs_plain"] = \
-        _ratio(t["ws_accumulate"], t["plain"])
+        ratio(t["ws_accumulate"], t["plain"])
     return entry
 
 
@@ -350,7 +351,7 @@ def benchmark_model(
     standardize = _bench_standardize(model, repeats, warmup, dev)
     result["standardize_fwd_bwd_ms"] = standardize["grouped"]
     result["standardize_fwd_bwd_ms_per_layer"] = standardize["per_layer"]
-    ratios["standardize_grouped_vs_per_layer"] = _ratio(standardize["grouped"], standardize["per_layer"])
+    ratios["standardize_grouped_vs_per_layer"] = ratio(standardize["grouped"], standardize["per_layer"])
     result["accumulate"] = _bench_accumulate(model, plain, size, accum_steps, repeats, warmup, dev, ratios)
     result["memory"] = memory
     result["ratios"] = ratios
@@ -371,75 +372,7 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
-def _detection_batch(batch: int, size: int, masks: bool, dev: torch.device) -> Tuple[list, list]:
-    """``batch`` images with three boxes (and masks) each: a fixed training input for the detector step."""
-    gen = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, size, size, generator=gen).to(dev) for _ in range(batch)]
-    targets = []
-    for _ in range(batch):
-        boxes = torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.4, 0.3, 0.9, 0.8], [0.2, 0.6, 0.6, 0.95]]) * size
-        target = {"boxes": boxes.to(dev), "labels": torch.tensor([1, 2, 3], device=dev)}
-        if masks:
-            grid = torch.zeros(3, size, size, dtype=torch.uint8)
-            for k, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
-                grid[k, y0:y1, x0:x1] = 1
-            target["masks"] = grid.to(dev)
-        targets.append(target)
-    return images, targets
-
-
-def benchmark_detector(kind: str = "maskrcnn", backbone: str = "resnet50_gn_ws", img_size: int = 320,
-                       batch: int = 2, rois: Sequence[int] = (512, 32), repeats: int = 3, warmup: int = 1,
-                       device: str = "cpu") -> Dict[str, Any]:
-    """A detector's training step (SGD, batch ``batch`` at ``img_size``): the GN+WS detector (as built: the
-    device's default standardization; and with grouping forced on) against the same detector folded (plain
-    convs: what WS itself costs) and torchvision's ResNet-50 FPN detector of the kind,
-    at each box-head sample count in ``rois`` (the 4conv1fc GN+WS box head's cost grows with it)."""
-    from torchvision.models import detection as tv
-
-    from .detection import build_detector
-
-    dev = torch.device(device)
-    images, targets = _detection_batch(batch, img_size, kind == "maskrcnn", dev)
-    result: Dict[str, Any] = {"detector": kind, "backbone": backbone, "img_size": img_size, "batch": batch}
-    ratios: Dict[str, float] = {}
-    for n in rois:
-        size = dict(min_size=img_size, max_size=img_size)
-        per_rois = {} if kind == "retinanet" else {"box_batch_size_per_image": n}
-        torch.manual_seed(0)
-        ws = build_detector(kind, backbone, 91, pretrained_backbone=False, **size, **per_rois).to(dev)
-        folded = fold_ws(ws)
-        reference = getattr(tv, f"{kind}_resnet50_fpn")(weights=None, weights_backbone=None, num_classes=91, **size,
-                                                          **per_rois).to(dev)
-        grouped = group_ws(copy.deepcopy(ws), enabled=True)
-        fns = {}
-        for name, model in (("ws", ws), ("ws_grouped", grouped), ("folded", folded), ("torchvision", reference)):
-            model.train()
-            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-
-            def step(model=model, opt=opt) -> None:
-                opt.zero_grad(set_to_none=True)
-                sum(model(images, targets).values()).backward()
-                opt.step()
-            fns[name] = step
-        med: Dict[str, float] = {}
-        t = time_interleaved(fns, repeats, warmup, dev, med)
-        entry = _entry(t, med)
-        entry["ws_vs_torchvision"] = ratios[f"{kind}_rois{n}_ws_vs_torchvision"] = _ratio(t["ws"], t["torchvision"])
-        entry["ws_vs_folded"] = ratios[f"{kind}_rois{n}_ws_vs_folded"] = _ratio(t["ws"], t["folded"])
-        entry["ws_grouped_vs_folded"] = ratios[f"{kind}_rois{n}_ws_grouped_vs_folded"] = \
-            _ratio(t["ws_grouped"], t["folded"])
-        entry["saved_for_backward_mb"] = {k: round(_saved_bytes(fns[k], m) / 2**20, 1)
-                                         for k, m in (("ws", ws), ("torchvision", None))}
-        result[f"rois{n}"] = entry
-        if kind == "retinanet":
-            break
-    result["ratios"] = ratios
-    result["model"] = f"{kind} ({backbone})"
-    return result
-
-
-def _machine(device: str, tuned: bool) -> Dict[str, Any]:
+def machine_info(device: str, tuned: bool) -> Dict[str, Any]:
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device,
                "allocator_tuned": tuned}
@@ -448,26 +381,22 @@ def _machine(device: str, tuned: bool) -> Dict[str, Any]:
     return machine
 
 
-def run_benchmarks(models: Sequence[str] = DEFAULT_MODELS, tune_allocator: bool = True, threads: Optional[int] = None,
-                   detector: Optional[str] = None, backbone: str = "resnet50_gn_ws", **kwargs: Any) -> Dict[str, Any]:
-    """Benchmark each of ``models`` (kwargs as :func:`benchmark_model`), or with ``detector`` that detector's
-    training step (:func:`benchmark_detector`), and describe the machine."""
-    if detector is None:
-        for name in models:
-            registry.get_pretrained_cfg(name.split(".")[0])  # fail fast on an unknown name, before any timing
-    else:
-        registry.get_pretrained_cfg(backbone)
-    device = str(kwargs.get("device", "cpu"))
+def prepare_run(device: str, tune_allocator: bool, threads: Optional[int]) -> Dict[str, Any]:
+    """Check the device, set the threads and the allocator; returns an empty report describing the machine."""
     check_device(device)
     if threads:
         torch.set_num_threads(threads)
     tuned = tune_cpu_allocator() if tune_allocator else False
-    report: Dict[str, Any] = {"machine": _machine(device, tuned), "results": []}
-    if detector is not None:
-        report["results"].append(benchmark_detector(
-            detector, backbone, img_size=kwargs.get("img_size") or 320, batch=kwargs.get("train_batch", 2),
-            repeats=kwargs.get("repeats", 3), warmup=kwargs.get("warmup", 1), device=device))
-        return report
+    return {"machine": machine_info(device, tuned), "results": []}
+
+
+def run_benchmarks(models: Sequence[str] = DEFAULT_MODELS, tune_allocator: bool = True, threads: Optional[int] = None,
+                   **kwargs: Any) -> Dict[str, Any]:
+    """Benchmark each of ``models`` (kwargs as :func:`benchmark_model`) and describe the machine. (A detector's
+    training step: :func:`wszoo.detection.bench.run_detector_benchmark`.)"""
+    for name in models:
+        registry.get_pretrained_cfg(name.split(".")[0])  # fail fast on an unknown name, before any timing
+    report = prepare_run(str(kwargs.get("device", "cpu")), tune_allocator, threads)
     for name in models:
         report["results"].append(benchmark_model(name, **kwargs))
     return report

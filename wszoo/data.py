@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 import torch.nn as nn
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
@@ -17,7 +18,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 
 __all__ = ["DataError", "FashionMNIST", "create_dataset", "class_count", "data_config_for", "build_transforms",
-           "check_image_files",
+           "check_image_files", "fashion_mnist_check_image",
            "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES"]
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts the files.
@@ -250,3 +251,18 @@ class _ModeWrapper(Dataset):
 def class_count(ds: Dataset) -> int:
     classes: Sequence = getattr(ds, "classes", None) or []
     return len(classes)
+
+
+def fashion_mnist_check_image(model: nn.Module) -> Optional[torch.Tensor]:
+    """The first Fashion-MNIST test image through ``model``'s evaluation preprocessing, ``(1, 28, 28)``, for the
+    models that take them (input size 1 x 28 x 28) where the data set is installed; else ``None``. A real image
+    for :func:`wszoo.export`'s verification."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if tuple(cfg.get("input_size") or ()) != (1, 28, 28):
+        return None
+    try:
+        images = FashionMNIST(FASHION_MNIST_DIR, "test", transform=build_transforms(data_config_for(model), "none")[1],
+                              limit=1)
+    except DataError:
+        return None
+    return images[0][0]

@@ -28,9 +28,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.layers import Conv2dSame
-from torchvision.models.detection import RetinaNet
-from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
+from .detection.export_checks import detection_output_diff, is_detector
 from .files import check_writable_parent
 from .speed import fold_ws
 
@@ -94,10 +93,6 @@ def require_onnxruntime():
     return onnxruntime
 
 
-def _is_detector(model: nn.Module) -> bool:
-    return isinstance(model, (GeneralizedRCNN, RetinaNet))
-
-
 def _has_dynamic_padding(model: nn.Module) -> bool:
     """Strided convs with TF-'SAME' padding computed from the input size (DeepMind's NFNets; folded, they are
     timm's Conv2dSame). (Stride-1 'SAME' pooling pads a constant amount, which torch.export resolves.)"""
@@ -135,7 +130,7 @@ def metadata_for(model: nn.Module, fmt: str, dtype: str, inputs: List[Dict[str, 
         meta.pop("num_classes", None)
     if getattr(model, "num_classes", None) is not None:
         meta["num_classes"] = model.num_classes
-    if _is_detector(model):
+    if is_detector(model):
         t = model.transform
         meta.update({"image_mean": list(t.image_mean), "image_std": list(t.image_std), "min_size": list(t.min_size),
                      "max_size": t.max_size, "input_range": "RGB in [0, 1], normalized and resized inside the graph"})
@@ -188,24 +183,9 @@ def _example_input(model: nn.Module, img_size: Optional[Sequence[int]], batch_si
     if len(size) == 1:
         size = size * 2
     gen = torch.Generator().manual_seed(0)
-    if _is_detector(model):
+    if is_detector(model):
         return [torch.rand(3, *size, generator=gen).to(dtype)]
     return torch.randn(batch_size, chans, *size, generator=gen).to(dtype)
-
-
-def _real_image(model: nn.Module, dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """A Fashion-MNIST test image through the model's preprocessing, for the models that take them."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if tuple(cfg.get("input_size") or ()) != (1, 28, 28):
-        return None
-    from .data import FASHION_MNIST_DIR, DataError, FashionMNIST, build_transforms, data_config_for
-
-    try:
-        images = FashionMNIST(FASHION_MNIST_DIR, "test", transform=build_transforms(data_config_for(model), "none")[1],
-                              limit=1)
-    except DataError:
-        return None
-    return images[0][0].unsqueeze(0).to(dtype)
 
 
 def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -217,38 +197,6 @@ def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     if not a.is_floating_point():
         return 0.0 if torch.equal(a, b) else math.inf
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
-
-def _detector_diff(out: Sequence[torch.Tensor], ref: Sequence[torch.Tensor], names: Sequence[str],
-                   image_size: float, tolerance: float) -> float:
-    """How far apart two detection sets are, order aside: every reference detection must have a twin of the
-    same label whose box (relative to the image size), score (and mask) lie within ``tolerance``. Scores
-    tied within the tolerance may come out in either order, and at the tail (the lowest kept score) either
-    one of a tie may be kept: only those may go unmatched. Returns the largest matched difference, or inf."""
-    got, want = dict(zip(names, out, strict=True)), dict(zip(names, ref, strict=True))
-    if got["boxes"].shape != want["boxes"].shape:
-        return math.inf
-    if not len(want["boxes"]):
-        return 0.0
-    box_diff = (got["boxes"].double()[:, None] - want["boxes"].double()[None]).abs().amax(-1) / image_size
-    score_diff = (got["scores"].double()[:, None] - want["scores"].double()[None]).abs()
-    candidates = (box_diff <= tolerance) & (score_diff <= tolerance) \
-        & (got["labels"].long()[:, None] == want["labels"].long()[None])
-    tail = want["scores"].double().min().item() + tolerance
-    worst, taken = 0.0, torch.zeros(len(got["boxes"]), dtype=torch.bool)
-    for j in torch.argsort(want["scores"], descending=True).tolist():
-        free = torch.nonzero(candidates[:, j] & ~taken).flatten()
-        if not len(free):
-            if want["scores"][j].item() > tail:
-                return math.inf
-            continue
-        i = free[torch.argmin(box_diff[free, j])].item()
-        taken[i] = True
-        diffs = [box_diff[i, j].item(), score_diff[i, j].item()]
-        if "masks" in want:
-            diffs.append((got["masks"][i].double() - want["masks"][j].double()).abs().max().item())
-        worst = max(worst, *diffs)
-    return worst
 
 
 class _Artifact:
@@ -361,7 +309,7 @@ def _plan(model: nn.Module, path: Path, fmt: Optional[str], dtype: str, opset: O
     if fmt == "onnx" and dtype == "bf16":
         raise ExportError("ONNX Runtime runs no bf16 convolutions (its CPU provider rejects the graph): export "
                           "bf16 as --format exported-program or torchscript, or ONNX as fp16")
-    detector = _is_detector(model)
+    detector = is_detector(model)
     if detector and (fmt != "onnx" or dtype != "fp32" or dynamic_batch):
         raise ExportError("detectors export to ONNX in fp32, one image (dynamic image size with dynamic_size), "
                           "as torchvision documents for its own")
@@ -390,6 +338,7 @@ def export(
     dtype: str = "fp32",
     tolerance: Optional[float] = None,
     force: bool = False,
+    check_image: Optional[torch.Tensor] = None,
 ) -> ExportReport:
     """Fold, export and verify ``model`` (a wszoo model, a feature extractor, a detector or a segmenter).
 
@@ -404,6 +353,9 @@ def export(
         dtype: ``fp32``, ``fp16`` or ``bf16`` (not ONNX: ONNX Runtime has no bf16 convolutions).
         tolerance: largest relative difference to PyTorch accepted (default 1e-4 fp32, 1e-2 fp16, 5e-2 bf16).
         force: replace an existing output.
+        check_image: a real, preprocessed image ``(C, H, W)`` the artifact must also reproduce (random inputs
+            can miss what real ones exercise), e.g. :func:`wszoo.data.fashion_mnist_check_image`; used where the
+            exported input size (or a dynamic one) allows it.
 
     Returns:
         An :class:`ExportReport`. Raises :class:`ExportError` (and leaves nothing at ``path``) when the
@@ -434,7 +386,7 @@ def export(
             raise
         except Exception as e:  # torch.onnx / torch.export / TorchScript raise many kinds
             raise ExportError(f"{type(model).__name__} does not export to {plan.format}: {_first_line(e)}") from e
-        checks = _verify(tmp, plan, model, reference_model, example)
+        checks = _verify(tmp, plan, reference_model, example, check_image)
         worst = max(checks.values())
         if not worst <= plan.tolerance:
             raise ExportError(f"the exported {plan.format} differs from PyTorch by {worst:.3g} (largest relative "
@@ -469,10 +421,11 @@ def _write_onnx_metadata(path: Path, metadata: Dict[str, Any]) -> None:
     onnx.save(proto, str(path))
 
 
-def _verify(path: Path, plan: _Plan, model: nn.Module, reference_model: nn.Module, example: Any) -> Dict[str, float]:
+def _verify(path: Path, plan: _Plan, reference_model: nn.Module, example: Any,
+            check_image: Optional[torch.Tensor]) -> Dict[str, float]:
     """Largest relative difference between the artifact and the (unfolded, fp32) PyTorch model, per input:
-    the example, batches of 1 and 3 (dynamic batch), another image size (dynamic size), and a real
-    Fashion-MNIST test image for the models that take them."""
+    the example, batches of 1 and 3 (dynamic batch), another image size (dynamic size), and the real
+    ``check_image`` where it fits."""
     artifact = _Artifact(str(path), plan.format, plan.output_names, plan.detector)
     samples: Dict[str, Any] = {"random": example}
     gen = torch.Generator().manual_seed(1)
@@ -484,17 +437,17 @@ def _verify(path: Path, plan: _Plan, model: nn.Module, reference_model: nn.Modul
         other = [shape[-2] + 32, max(32, shape[-1] - 32)]
         samples["random_other_size"] = [torch.rand(3, *other, generator=gen)] if plan.detector else \
             torch.randn(*shape[:-2], *other, generator=gen).to(plan.torch_dtype)
-    real = None if plan.detector else _real_image(model, plan.torch_dtype)
-    if real is not None and (plan.dynamic_batch or real.shape[0] == shape[0]) \
+    real = None if plan.detector or check_image is None else check_image.unsqueeze(0).to(plan.torch_dtype)
+    if real is not None and real.shape[1] == shape[1] and (plan.dynamic_batch or real.shape[0] == shape[0]) \
             and (plan.dynamic_size or real.shape[-2:] == shape[-2:]):
-        samples["fashion_mnist_test_image_0"] = real
+        samples["real_image"] = real
     checks = {}
     for key, x in samples.items():
         with torch.no_grad():
             reference = _flatten_outputs(reference_model([i.float() for i in x] if plan.detector else x.float()))[1]
         got = artifact(x)
         if plan.detector:
-            checks[key] = _detector_diff(got, reference, plan.output_names, float(max(x[0].shape[-2:])),
+            checks[key] = detection_output_diff(got, reference, plan.output_names, float(max(x[0].shape[-2:])),
                                          plan.tolerance)
         else:
             checks[key] = max(_rel_diff(g.float(), r) for g, r in zip(got, reference, strict=True))

@@ -247,10 +247,10 @@ def test_small_image_classifiers_are_refused_as_backbones(build):
 
 
 def test_bench_reports_the_detector_step():
-    from wszoo.bench import run_benchmarks
+    from wszoo.detection.bench import run_detector_benchmark
 
-    report = run_benchmarks(detector="maskrcnn", backbone=BACKBONE, img_size=64, train_batch=1, repeats=1, warmup=0,
-                            tune_allocator=False)
+    report = run_detector_benchmark("maskrcnn", BACKBONE, img_size=64, train_batch=1, repeats=1, warmup=0,
+                                    tune_allocator=False)
     ratios = report["results"][0]["ratios"]
     assert set(ratios) == {f"maskrcnn_rois{n}_{w}" for n in (512, 32)
                            for w in ("ws_vs_torchvision", "ws_vs_folded", "ws_grouped_vs_folded")}

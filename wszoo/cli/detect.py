@@ -1,0 +1,72 @@
+"""``wszoo detect train|eval``: the GN+WS detection recipe on COCO-format data."""
+import argparse
+import json
+from typing import Any
+
+from .flags import (
+    count_arg,
+    output_defaults_to_resume,
+    ranged,
+    rank0,
+)
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: Any) -> None:
+    """The command's sub-parser, run by :func:`run`."""
+    p = sub.add_parser("detect", help="train / evaluate a GN+WS detector on COCO-format data (COCO AP by pycocotools)")
+    actions = p.add_subparsers(dest="action", required=True)
+    t = actions.add_parser("train", help="train a detector (the GN+WS recipe's defaults)")
+    t.add_argument("--kind", choices=["fasterrcnn", "maskrcnn", "retinanet"], default="fasterrcnn")
+    t.add_argument("--backbone", default="resnet50_gn_ws")
+    t.add_argument("--train-images", required=True, help="the training images' folder")
+    t.add_argument("--train-annotations", required=True, help="their COCO instances json")
+    t.add_argument("--val-images", default=None, help="default: --train-images")
+    t.add_argument("--val-annotations", default=None, help="a COCO instances json: box (and mask) AP every epoch")
+    pretrained = t.add_mutually_exclusive_group()
+    pretrained.add_argument("--pretrained-backbone", dest="pretrained_backbone", action="store_true", default=None,
+                            help="start from the backbone's published weights (the default when it has some)")
+    pretrained.add_argument("--no-pretrained-backbone", dest="pretrained_backbone", action="store_false")
+    count_arg(t, "--frozen-stages", least=-1, default=None, help="default: 1 with published weights, else -1")
+    count_arg(t, "--epochs", default=12)
+    count_arg(t, "-b", "--batch-size", default=2, help="images per micro-batch per process")
+    count_arg(t, "--accum-steps", default=1, help="micro-batches per optimizer step")
+    ranged(t, "--lr", type=float, default=0.02, low=0, low_open=True)
+    ranged(t, "--weight-decay", type=float, default=1e-4, low=0)
+    count_arg(t, "--warmup-iters", least=0, default=100, help="optimizer steps of linear warmup")
+    t.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"])
+    count_arg(t, "--min-size", default=None, help="the detector's resize (torchvision's default 800)")
+    count_arg(t, "--max-size", default=None, help="(torchvision's default 1333)")
+    count_arg(t, "--rois-per-image", default=None,
+               help="R-CNN box head samples per image (torchvision's default 512; the 4conv1fc GN+WS head's cost)")
+    count_arg(t, "-j", "--workers", least=0, default=0)
+    t.add_argument("--seed", type=int, default=0)
+    count_arg(t, "--log-interval", least=0, default=20)
+    t.add_argument("--output", default=None, help="directory for last/, best/, metrics.jsonl and the train state "
+                                                  "(default: the --resume directory)")
+    t.add_argument("--resume", default=None, help="a previous --output directory to continue from")
+    t.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
+    t.set_defaults(func=run)
+    e = actions.add_parser("eval", help="COCO AP of a saved detector")
+    e.add_argument("--checkpoint", required=True, help="a detector folder (runs/x/best)")
+    e.add_argument("--images", required=True)
+    e.add_argument("--annotations", required=True)
+    count_arg(e, "-b", "--batch-size", default=2)
+    e.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from ..detection.engine import detect_eval, detect_train, format_ap
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.action == "train":
+        output_defaults_to_resume(args)
+        metrics = detect_train(args)
+        if rank0():  # every rank returns the metrics; one copy of them on stdout
+            print(json.dumps(metrics))
+    else:
+        print(format_ap(detect_eval(args)))
+    return 0

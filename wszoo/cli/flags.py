@@ -1,0 +1,107 @@
+"""What the commands share: numeric flags with a valid range (checked before a command runs, one line on error),
+the model flags, and small helpers."""
+import argparse
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+__all__ = ["INTERPOLATIONS", "Range", "ranged", "count_arg", "model_flags", "count_params", "forward_report", "rank0",
+           "output_defaults_to_resume"]
+
+#: timm's interpolation names (``timm.data.transforms.str_to_interp_mode``), 'random' aside (training only)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos")
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric flag's valid range, checked after parsing so a bad value is one line and exit code 2."""
+
+    flag: str
+    dest: str
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def describe(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+    def check(self, value: Any) -> None:
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if v is None:
+                continue
+            bad = not math.isfinite(v) or (self.low is not None and (v < self.low or (self.low_open and v == self.low)))
+            bad = bad or (self.high is not None and (v > self.high or (self.high_open and v == self.high)))
+            if bad:
+                raise ValueError(f"{self.flag} must be {self.describe()}, got {v:g}")
+
+
+def ranged(p: argparse.ArgumentParser, *flags: str, low: Optional[float] = None, high: Optional[float] = None,
+            low_open: bool = False, high_open: bool = False, **kwargs: Any) -> None:
+    """``p.add_argument`` plus a valid range, checked by :func:`main` before the command runs."""
+    action = p.add_argument(*flags, **kwargs)
+    ranges = list(p.get_default("ranges") or [])
+    ranges.append(Range(next((f for f in flags if f.startswith("--")), flags[0]), action.dest, low, high,
+                         low_open, high_open))
+    p.set_defaults(ranges=ranges)
+
+
+def count_arg(p: argparse.ArgumentParser, *flags: str, least: int = 1, **kwargs: Any) -> None:
+    """An integer flag of at least ``least``."""
+    ranged(p, *flags, type=int, low=least, **kwargs)
+
+
+def model_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that say which model, which weights and which data (eval, finetune)."""
+    p.add_argument("--model", required=True, help="arch, arch.tag, hf-hub:org/repo or local-dir:/path")
+    p.add_argument("--pretrained", action="store_true", help="load the published weights")
+    p.add_argument("--checkpoint", default=None, help="a .safetensors file or a save_pretrained directory")
+    p.add_argument("--data-dir", default=None)
+    count_arg(p, "--num-classes", default=None)
+    p.add_argument("--in-chans", type=int, choices=[1, 3], default=None,
+                   help="1 (grayscale) or 3 (RGB) input channels; default the model's")
+    count_arg(p, "--img-size", default=None, help="input size (default: the model's pretrained cfg)")
+    count_arg(p, "-b", "--batch-size", default=64)
+    count_arg(p, "-j", "--workers", least=0, default=0)
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"],
+                   help="autocast dtype: bf16 (default) or fp16")
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Every parameter's elements."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_report(model: torch.nn.Module, img_size: Sequence[int], batch_size: int) -> dict:
+    """One timed forward pass on random input (a check that the model runs and gives finite outputs)."""
+    model.eval()
+    x = torch.randn(batch_size, *img_size)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = model(x)
+        seconds = time.perf_counter() - start
+    if not torch.isfinite(out).all():
+        raise RuntimeError("forward pass produced non-finite outputs")
+    return {"input_shape": list(x.shape), "output_shape": list(out.shape), "seconds": round(seconds, 3)}
+
+
+def rank0() -> bool:
+    """True in a single process and in torchrun's rank 0 (read from the environment, so it holds before and
+    after the process group exists)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def output_defaults_to_resume(args: argparse.Namespace) -> None:
+    """``--resume runs/x`` alone continues the run in runs/x; without either flag there is no run directory."""
+    if args.output is None:
+        if not args.resume:
+            raise ValueError("--output DIR is required: where the run is written (or --resume DIR alone, to "
+                             "continue the run in DIR)")
+        args.output = args.resume
