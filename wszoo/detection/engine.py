@@ -218,7 +218,7 @@ def detect_train(args: argparse.Namespace) -> Dict[str, Any]:
             if val_set is not None and is_main_process():
                 metrics.update(_validate(model, val_set, device))
             if is_main_process():
-                best = _commit_epoch(out, model, (optimizer, scheduler, scaler), build_args, args, epoch, metrics,
+                best = _commit_epoch(out, model, optimizer, scheduler, scaler, build_args, args, epoch, metrics,
                                      best, history)
             if world > 1:
                 dist.barrier()
@@ -236,10 +236,10 @@ def _validate(model: nn.Module, val_set: CocoDetection, device: torch.device) ->
     return {**metrics, "val_seconds": round(time.perf_counter() - start, 1)}
 
 
-def _commit_epoch(out: RunDirectory, model, stepping, build_args, args, epoch, metrics, best, history) -> float:
+def _commit_epoch(out: RunDirectory, model, optimizer, scheduler, scaler, build_args, args, epoch, metrics, best,
+                  history) -> float:
     """last/ (and best/ by val box AP, or by train loss without a val set), metrics.jsonl and the train state
-    (``stepping``: the optimizer, scheduler and gradient scaler), committed as one unit."""
-    optimizer, scheduler, scaler = stepping
+    (the optimizer, scheduler and gradient scaler), committed as one unit."""
     history.append(json.dumps(metrics))
     score = metrics.get("bbox_AP", -metrics["train_loss"])
     improved = score > best
