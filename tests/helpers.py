@@ -105,3 +105,64 @@ def tree_snapshot(root):
     root = Path(root)
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+
+def interrupt_when_logged(argv, marker, cwd, launcher=(), timeout=240):
+    """Run ``wszoo ARGV`` as a terminal runs a foreground job, in a process group of its own, and press Ctrl-C
+    as soon as it logs a line containing ``marker``: SIGINT goes to the whole group (the wszoo process, its
+    DataLoader workers; under a launcher such as torchrun its agent and every worker), as a terminal sends it.
+    With no ``launcher`` the run is forked from the test process, as in :func:`run_cli` (no interpreter start,
+    one thread); else ``launcher + ['-m', 'wszoo'] + ARGV`` starts in a fresh interpreter (OMP_NUM_THREADS=1).
+    Returns ``(returncode, stderr)``."""
+    import os
+    import signal
+    import subprocess
+    import threading
+
+    read_end, write_end = os.pipe()
+    if launcher:
+        proc = subprocess.Popen([*launcher, "-m", "wszoo", *argv], stdout=subprocess.DEVNULL, stderr=write_end,
+                                cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+        pid, wait = proc.pid, proc.wait
+    else:
+        pid = os.fork()
+        wait = lambda: os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])  # noqa: E731
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                os.close(read_end)
+                os.setsid()
+                torch.set_num_threads(1)
+                os.dup2(write_end, 2)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+                import sys
+
+                sys.stdout, sys.stderr = os.fdopen(1, "w", buffering=1), os.fdopen(2, "w", buffering=1)
+                os.chdir(cwd)
+                import logging
+
+                logging.root.handlers.clear()  # pytest's capture handlers: the CLI's own logging set-up applies
+                from wszoo.cli import main
+
+                code = main(list(argv))
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    os.close(write_end)
+    killer = threading.Timer(timeout, os.killpg, (pid, signal.SIGKILL))
+    killer.start()
+    lines, pressed = [], False
+    try:
+        with os.fdopen(read_end) as stderr:
+            for line in stderr:
+                lines.append(line)
+                if not pressed and marker in line:
+                    os.killpg(pid, signal.SIGINT)
+                    pressed = True
+        returncode = wait()
+    finally:
+        killer.cancel()
+    err = "".join(lines)
+    assert pressed, f"the run never logged {marker!r}:\n{err[-3000:]}"
+    return returncode, err

@@ -28,7 +28,8 @@ def test_one_epoch_with_accumulation_writes_loadable_checkpoints(folder, tmp_pat
     assert sorted(p.name for p in out.iterdir()) == ["best", "last", "metrics.jsonl", "train_state.json",
                                                     "train_state.safetensors"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 1 and {"train_loss", "val_top1", "val_loss", "lr"} <= set(metrics[0])
+    assert len(metrics) == 1
+    assert {"train_loss", "val_top1", "val_loss", "lr", "train_seconds", "val_seconds"} <= set(metrics[0])
     a = wszoo.create_model("resnet_mini_gn_ws", num_classes=3, in_chans=3,
                            checkpoint_path=str(out / "last" / "model.safetensors"))
     b = wszoo.create_model(f"local-dir:{out / 'last'}", pretrained=True)
@@ -203,6 +204,7 @@ def test_resume_with_other_settings_is_refused(eight_images, tmp_path):
         (["--epochs", "1"], "epochs 0..0 are done; pass --epochs above 1"),
         (["--epochs", "2", "--ema-decay", "0.9"], "did not use EMA"),
         (["--epochs", "2", "--lr", "0.1"], "that run used --lr 0.05; resume it with the same --lr"),
+        (["--epochs", "2", "--seed", "1"], "that run used --seed 0; resume it with the same --seed"),
     ]:
         code, _, err = run_cli(_tiny_run_args(eight_images, out, *extra, "--resume", str(out)))
         assert code == 2 and message in err and len(err.splitlines()) == 1, err

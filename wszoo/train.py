@@ -15,7 +15,7 @@ import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .checkpoint import load_checkpoint, non_finite_tensors
 from .data import DataError, build_transforms, class_count, create_dataset, data_config_for
 from .distributed import all_reduce_gradients, init_distributed, is_main_process
+from .epochs import check_same_seed, epoch_summary, seed_epoch
 from .evaluate import autocast_context, evaluate
 from .factory import create_model
 from .hub import WEIGHTS_NAME, save_pretrained
@@ -70,13 +71,14 @@ def _save_train_state(out: Path, run: "_Run", epoch: int, best: float) -> None:
     other settings is refused."""
     meta = {"epoch": epoch, "best_top1": best, "model": run.args.model,
             "architecture": run.model.pretrained_cfg["architecture"], "num_classes": run.model.num_classes,
-            "opt": run.args.opt, "lr": run.args.lr, "ema": run.ema is not None}
+            "opt": run.args.opt, "lr": run.args.lr, "ema": run.ema is not None, "seed": run.args.seed}
     ema = {f"ema.{k}": v for k, v in run.ema.module.state_dict().items()} if run.ema is not None else None
     save_train_state(out, run.optimizer, run.scheduler, meta, ema)
 
 
 def _check_resumable(meta: Dict[str, Any], run: "_Run", src: Path) -> None:
-    """The run being resumed must be this one: same architecture, optimizer, EMA, and epochs left to train."""
+    """The run being resumed must be this one: same architecture, optimizer, EMA, seed, and epochs left to
+    train."""
     args, arch = run.args, run.model.pretrained_cfg["architecture"]
     if meta.get("architecture", arch) != arch:
         raise DataError(f"--resume {src}: that run trained {meta['architecture']} ({meta.get('model')}), not {arch}; "
@@ -89,6 +91,9 @@ def _check_resumable(meta: Dict[str, Any], run: "_Run", src: Path) -> None:
     if meta.get("ema", run.ema is not None) != (run.ema is not None):
         raise DataError(f"--resume {src}: that run {'used' if meta['ema'] else 'did not use'} EMA; pass the same "
                         "--ema-decay")
+    other_seed = check_same_seed(meta, args.seed)
+    if other_seed:
+        raise DataError(f"--resume {src}: {other_seed}")
     if int(meta["epoch"]) + 1 >= args.epochs:
         raise DataError(f"--resume {src}: epochs 0..{meta['epoch']} are done; pass --epochs above "
                         f"{int(meta['epoch']) + 1} to train more")
@@ -136,19 +141,20 @@ class _Run:
     args: argparse.Namespace
     model: nn.Module
     train_model: nn.Module  # the model, or its DDP wrapper
-    loader: DataLoader
-    sampler: Optional[DistributedSampler]
+    loader: DataLoader  # its sampler, under DDP a DistributedSampler, and generator are seeded per epoch
     val_set: Any
     optimizer: torch.optim.Optimizer
     scheduler: Any
     ema: Any
     clip_params: List[torch.Tensor]
     device: torch.device
+    rank: int
     world: int
     use_accumulate_ws: bool
 
 
 def _seed_everything(seed: int) -> None:
+    """The model's initialisation (rank 0's is the one DDP broadcasts); each epoch seeds itself."""
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -170,18 +176,13 @@ def _model_and_data(args: argparse.Namespace) -> Tuple[nn.Module, Any, Any, List
     return model, train_set, val_set, frozen
 
 
-def _prepare(args: argparse.Namespace, world: int, device: torch.device) -> Tuple[_Run, List[str]]:
+def _prepare(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> Tuple[_Run, List[str]]:
     model, train_set, val_set, frozen = _model_and_data(args)
     model.to(device)
-    ema = None
-    if args.ema_decay:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=args.ema_decay, device=device)
     sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed) if world > 1 else None
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
                         num_workers=args.workers, drop_last=False,
-                        generator=torch.Generator().manual_seed(args.seed))
+                        generator=torch.Generator())  # seeded per epoch (seed_epoch)
     steps_per_epoch = math.ceil(len(loader) / args.accum_steps)
     optimizer = _build_optimizer(model, args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -191,11 +192,16 @@ def _prepare(args: argparse.Namespace, world: int, device: torch.device) -> Tupl
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    ema = None
+    if args.ema_decay:  # copied after DDP has given every rank rank 0's weights: each rank's EMA is the same
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=args.ema_decay, device=device)
     clip_params = agc_parameters(model) if args.clip_mode == "agc" else \
         [p for p in model.parameters() if p.requires_grad]
     use_accumulate_ws = args.accum_steps > 1 and not args.no_accumulate_ws and bool(ws_layers(model))
-    run = _Run(args, model, train_model, loader, sampler, val_set, optimizer, scheduler, ema, clip_params, device,
-               world, use_accumulate_ws)
+    run = _Run(args, model, train_model, loader, val_set, optimizer, scheduler, ema, clip_params, device,
+               rank, world, use_accumulate_ws)
     return run, frozen
 
 
@@ -224,8 +230,7 @@ def _no_sync(run: _Run, skip: bool):
 def _train_one_epoch(run: _Run, epoch: int) -> Dict[str, Any]:
     """One pass over the loader: micro-batches of ``-b`` images, an optimizer step every ``--accum-steps``."""
     args, model = run.args, run.model
-    if run.sampler is not None:
-        run.sampler.set_epoch(epoch)
+    seed_epoch(args.seed, run.rank, epoch, run.loader)
     run.train_model.train()
     start, loss_sum, seen = time.perf_counter(), 0.0, 0
     run.optimizer.zero_grad(set_to_none=True)
@@ -264,16 +269,19 @@ def _train_one_epoch(run: _Run, epoch: int) -> Dict[str, Any]:
     if run.world > 1:
         dist.all_reduce(train_loss)
     return {"epoch": epoch, "train_loss": train_loss[0].item() / max(train_loss[1].item(), 1),
-            "lr": run.optimizer.param_groups[0]["lr"], "epoch_seconds": round(time.perf_counter() - start, 1)}
+            "lr": run.optimizer.param_groups[0]["lr"], "train_seconds": round(time.perf_counter() - start, 1)}
 
 
 def _validate(run: _Run) -> Dict[str, Any]:
+    """Top-1/top-5/loss of the EMA (or the model) on the val set, and the seconds that took."""
     if run.val_set is None:
         return {}
+    start = time.perf_counter()
     eval_model = run.ema.module if run.ema is not None else run.model
     val = evaluate(eval_model, run.val_set, batch_size=max(run.args.batch_size, 64), workers=run.args.workers,
                    device=run.device, amp=run.args.amp, progress=False)
-    return {f"val_{k}": v for k, v in val.items() if k in ("top1", "top5", "loss")}
+    return {**{f"val_{k}": v for k, v in val.items() if k in ("top1", "top5", "loss")},
+            "val_seconds": round(time.perf_counter() - start, 1)}
 
 
 def _save_epoch(run: _Run, out: RunDirectory, epoch: int, metrics: Dict[str, Any], best: float,
@@ -303,8 +311,7 @@ def _save_epoch(run: _Run, out: RunDirectory, epoch: int, metrics: Dict[str, Any
         _save_train_state(stage, run, epoch, best)
 
     out.commit(write, replace_all=replace_all)
-    _logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                 for k, v in metrics.items()))
+    _logger.info("%s", epoch_summary(metrics))
     return best
 
 
@@ -328,7 +335,7 @@ def finetune(args: argparse.Namespace) -> Dict[str, Any]:
     rank, world, device = init_distributed()
     _seed_everything(args.seed + rank)
     out = check_output(args.output, args.resume, args.overwrite)
-    run, frozen = _prepare(args, world, device)
+    run, frozen = _prepare(args, rank, world, device)
     start_epoch, best = _resume(run, Path(args.resume)) if args.resume else (0, -1.0)
     history = _history(args, start_epoch)
     if device.type == "cpu" and not args.no_tune_allocator:

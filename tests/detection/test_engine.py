@@ -52,6 +52,7 @@ def trained(shapes, tmp_path_factory):
 def test_training_learns_the_shapes_and_resume_continues(trained):
     rows = _epochs(trained)
     assert [r["epoch"] for r in rows] == [0, 1, 2]  # resume appended epoch 2, repeated nothing
+    assert all(r["train_seconds"] > 0 and r["val_seconds"] > 0 for r in rows)
     # pycocotools' AP50 on held-out images: chance is ~0; 3 short epochs find most shapes
     assert rows[-1]["bbox_AP50"] > 30, rows
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]

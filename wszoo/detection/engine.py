@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..checkpoint import load_checkpoint, non_finite_tensors
 from ..distributed import all_reduce_gradients, init_distributed, is_main_process
+from ..epochs import check_same_seed, epoch_summary, seed_epoch
 from ..evaluate import autocast_context
 from ..files import atomic_path, atomic_write_text
 from ..run_dir import RunDirectory, check_output, interruption, load_train_state, save_train_state
@@ -113,11 +114,10 @@ def _schedule(total: int, warmup: int):
     return factor
 
 
-def _train_epoch(args, model, train_model, loader, sampler, optimizer, scheduler, scaler, device, world, epoch,
+def _train_epoch(args, model, train_model, loader, optimizer, scheduler, scaler, device, rank, world, epoch,
                  use_accumulate_ws) -> Dict[str, Any]:
     """One pass: micro-batches of ``-b`` images, an optimizer step every ``--accum-steps``."""
-    if sampler is not None:
-        sampler.set_epoch(epoch)
+    seed_epoch(args.seed, rank, epoch, loader)
     train_model.train()
     start, loss_sum, seen = time.perf_counter(), 0.0, 0
     optimizer.zero_grad(set_to_none=True)
@@ -156,7 +156,7 @@ def _train_epoch(args, model, train_model, loader, sampler, optimizer, scheduler
     if world > 1:
         dist.all_reduce(totals)
     return {"epoch": epoch, "train_loss": totals[0].item() / max(totals[1].item(), 1),
-            "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": round(time.perf_counter() - start, 1)}
+            "lr": optimizer.param_groups[0]["lr"], "train_seconds": round(time.perf_counter() - start, 1)}
 
 
 def _check_resumable(meta: Dict[str, Any], build_args: Dict[str, Any], args: argparse.Namespace, src: Path) -> None:
@@ -165,12 +165,18 @@ def _check_resumable(meta: Dict[str, Any], build_args: Dict[str, Any], args: arg
             raise ValueError(f"--resume {src}: that run trained {key} {meta[key]!r}, not {build_args[key]!r}")
     if meta.get("lr", args.lr) != args.lr:
         raise ValueError(f"--resume {src}: that run used --lr {meta['lr']:g}; resume it with the same --lr")
+    other_seed = check_same_seed(meta, args.seed)
+    if other_seed:
+        raise ValueError(f"--resume {src}: {other_seed}")
     if int(meta["epoch"]) + 1 >= args.epochs:
         raise ValueError(f"--resume {src}: epochs 0..{meta['epoch']} are done; pass --epochs above "
                          f"{int(meta['epoch']) + 1} to train more")
 
 
-def _resume(src: Path, model, optimizer, scheduler, build_args, args, world) -> Tuple[int, float, List[str]]:
+def _resume(src: Path, model, optimizer, scheduler, scaler, build_args, args, world
+            ) -> Tuple[int, float, List[str]]:
+    """Weights, optimizer, schedule and gradient scale of ``src``'s last committed epoch (after finishing, on
+    rank 0, a commit that was interrupted); returns the next epoch, the best AP and the metrics rows so far."""
     if not (src / "last" / WEIGHTS).is_file():
         raise ValueError(f"--resume {src}: no last/{WEIGHTS} there (not a wszoo detect train output?)")
     if is_main_process():
@@ -179,6 +185,8 @@ def _resume(src: Path, model, optimizer, scheduler, build_args, args, world) -> 
         dist.barrier()
     meta, _ = load_train_state(src, optimizer, scheduler, lambda m: _check_resumable(m, build_args, args, src))
     load_checkpoint(model, str(src / "last" / WEIGHTS))
+    if scaler.is_enabled() and meta.get("grad_scaler"):  # --amp fp16: the loss scale it had reached
+        scaler.load_state_dict(meta["grad_scaler"])
     start = int(meta["epoch"]) + 1
     history = [r for r in RunDirectory(src).metrics() if r.strip() and json.loads(r).get("epoch", -1) < start]
     return start, float(meta["best_ap"]), history
@@ -202,30 +210,30 @@ def detect_train(args: argparse.Namespace) -> Dict[str, Any]:
     sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed) if world > 1 else None
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
                         num_workers=args.workers, collate_fn=collate,
-                        generator=torch.Generator().manual_seed(args.seed))
+                        generator=torch.Generator())  # seeded per epoch (seed_epoch)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     steps = math.ceil(len(loader) / args.accum_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps * args.epochs, args.warmup_iters))
     train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     start, best, history = 0, -1.0, []
     if args.resume:
-        start, best, history = _resume(Path(args.resume), model, optimizer, scheduler, build_args, args, world)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+        start, best, history = _resume(Path(args.resume), model, optimizer, scheduler, scaler, build_args, args,
+                                       world)
     use_accumulate_ws = args.accum_steps > 1 and bool(ws_layers(model))
     metrics: Dict[str, Any] = {}
     # where the last complete epoch is: nowhere yet, or the run being resumed until this one commits
     epoch, resumable = start, (Path(args.resume), start - 1) if args.resume else None
     try:
         for epoch in range(start, args.epochs):
-            metrics = _train_epoch(args, model, train_model, loader, sampler, optimizer, scheduler, scaler, device,
+            metrics = _train_epoch(args, model, train_model, loader, optimizer, scheduler, scaler, device, rank,
                                    world, epoch, use_accumulate_ws)
             if val_set is not None and is_main_process():
-                for kind, stats in coco_evaluate(model, val_set, device).items():
-                    metrics.update({f"{kind}_{k}": v for k, v in stats.items()})
+                metrics.update(_validate(model, val_set, device))
             if is_main_process():
-                best = _commit_epoch(out, model, optimizer, scheduler, build_args, args, epoch, metrics, best,
-                                     history)
+                best = _commit_epoch(out, model, optimizer, scheduler, scaler, build_args, args, epoch, metrics,
+                                     best, history)
             if world > 1:
                 dist.barrier()
             resumable = (out.path, epoch)
@@ -234,16 +242,25 @@ def detect_train(args: argparse.Namespace) -> Dict[str, Any]:
     return metrics
 
 
-def _commit_epoch(out: RunDirectory, model, optimizer, scheduler, build_args, args, epoch, metrics, best, history
-                  ) -> float:
-    """last/ (and best/ by val box AP, or by train loss without a val set), metrics.jsonl and the train state,
-    committed as one unit."""
+def _validate(model: nn.Module, val_set: CocoDetection, device: torch.device) -> Dict[str, Any]:
+    """COCO box (and mask) AP on the val set, and the seconds that took."""
+    start = time.perf_counter()
+    metrics = {f"{kind}_{k}": v for kind, stats in coco_evaluate(model, val_set, device).items()
+               for k, v in stats.items()}
+    return {**metrics, "val_seconds": round(time.perf_counter() - start, 1)}
+
+
+def _commit_epoch(out: RunDirectory, model, optimizer, scheduler, scaler, build_args, args, epoch, metrics, best,
+                  history) -> float:
+    """last/ (and best/ by val box AP, or by train loss without a val set), metrics.jsonl and the train state
+    (the optimizer, scheduler and gradient scaler), committed as one unit."""
     history.append(json.dumps(metrics))
     score = metrics.get("bbox_AP", -metrics["train_loss"])
     improved = score > best
     best = max(best, score)
     meta = {"epoch": epoch, "best_ap": best, "kind": args.kind, "backbone": args.backbone,
-            "num_classes": build_args["num_classes"], "lr": args.lr, "model": f"{args.kind} on {args.backbone}"}
+            "num_classes": build_args["num_classes"], "lr": args.lr, "model": f"{args.kind} on {args.backbone}",
+            "seed": args.seed, "grad_scaler": scaler.state_dict()}
 
     def write(stage: Path) -> None:
         (stage / "metrics.jsonl").write_text("\n".join(history) + "\n")
@@ -253,8 +270,7 @@ def _commit_epoch(out: RunDirectory, model, optimizer, scheduler, build_args, ar
         save_train_state(stage, optimizer, scheduler, meta)
 
     out.commit(write, replace_all=args.overwrite and epoch == 0)
-    _logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                 for k, v in metrics.items()))
+    _logger.info("%s", epoch_summary(metrics))
     return best
 
 
