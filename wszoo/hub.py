@@ -30,7 +30,6 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from safetensors.torch import save_file
 from timm.models import adapt_input_conv
 
 from .checkpoint import (
@@ -43,7 +42,6 @@ from .checkpoint import (
     strip_prefix,
 )
 from .errors import Fix, FixableError
-from .files import atomic_path, atomic_write_text
 from .provenance import (
     METADATA_KEY,
     TrainingRecord,
@@ -53,7 +51,15 @@ from .provenance import (
     saved_weights,
     state_fingerprint,
 )
-from .saved_config import TIMM_CFG_FIELDS, build_saved_config, render_card, saved_model_args
+from .saved_config import (
+    CARD_NAME,
+    CONFIG_NAME,
+    TIMM_CFG_FIELDS,
+    WEIGHTS_NAME,
+    build_saved_config,
+    saved_model_args,
+    write_saved_files,
+)
 
 __all__ = [
     "PretrainedWeightsError", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "download_from_hub", "load_pretrained",
@@ -64,10 +70,6 @@ __all__ = [
 
 _logger = logging.getLogger("wszoo")
 
-#: The three files of a saved model (a ``save_pretrained`` directory or a Hub repo).
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-CARD_NAME = "README.md"
 
 
 class PretrainedWeightsError(FixableError, RuntimeError):
@@ -404,15 +406,7 @@ def _write_saved_model(out: Path, state_dict: Mapping[str, torch.Tensor], config
     if bad:
         raise ValueError(f"refusing to save {config['architecture']}: non-finite values (NaN/Inf) in {len(bad)} "
                          f"tensor(s): {', '.join(bad[:10])}")
-    out.mkdir(parents=True, exist_ok=True)
-    num_params = sum(v.numel() for v in tensors.values() if v.is_floating_point())
-    ours = config.get("wszoo") or {}
-    metadata = {"format": "pt", "architecture": config["architecture"],
-                METADATA_KEY: json.dumps({"weights": ours.get("weights"), "sha256": ours.get("sha256")})}
-    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
-    atomic_write_text(out / CARD_NAME, render_card(config, num_params, class_name))
-    with atomic_path(out / WEIGHTS_NAME) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+    write_saved_files(out, tensors, config, class_name)
 
 
 def save_pretrained(model: nn.Module, save_dir: str, training: Optional[TrainingRecord] = None) -> str:

@@ -7,14 +7,25 @@ everything of ours sits under a top-level ``"wszoo"`` object timm never looks at
 models take, the paper, and what the weights are (see :mod:`wszoo.provenance`) with their fingerprint.
 """
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 import timm
+import torch
+from safetensors.torch import save_file
 from timm.models import PretrainedCfg
 
-from .provenance import TrainingRecord, describe_weights, weights_title
+from .files import atomic_path, atomic_write_text
+from .provenance import METADATA_KEY, TrainingRecord, describe_weights, weights_title
 
-__all__ = ["TIMM_MODEL_ARGS", "TIMM_CFG_FIELDS", "build_saved_config", "saved_model_args", "render_card"]
+__all__ = ["TIMM_MODEL_ARGS", "TIMM_CFG_FIELDS", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "build_saved_config",
+           "saved_model_args", "render_card", "write_saved_files"]
+
+#: The three files of a saved model (a ``save_pretrained`` directory or a Hub repo).
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
 
 #: The model arguments that timm's entrypoints of the shared architectures (BiT, NF nets, ViT hybrids) take.
 TIMM_MODEL_ARGS = ("num_classes", "in_chans", "global_pool", "img_size", "output_stride")
@@ -150,3 +161,19 @@ def render_card(config: Mapping[str, Any], num_params: int, class_name: str) -> 
         lines += ["", f"Weights sha256 (every tensor's key, dtype, shape and bytes in key order; "
                       f"`wszoo.provenance.state_fingerprint`): `{ours['sha256']}`"]
     return "\n".join(lines) + "\n"
+
+
+def write_saved_files(out: Path, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+                      class_name: str) -> None:
+    """``config.json``, the ``README.md`` card and ``model.safetensors`` (with what the weights are in its
+    metadata), each written atomically, the weights last: a reader that sees the new weights sees the new
+    config."""
+    out.mkdir(parents=True, exist_ok=True)
+    num_params = sum(v.numel() for v in tensors.values() if v.is_floating_point())
+    ours = config.get("wszoo") or {}
+    metadata = {"format": "pt", "architecture": config["architecture"],
+                METADATA_KEY: json.dumps({"weights": ours.get("weights"), "sha256": ours.get("sha256")})}
+    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    atomic_write_text(out / CARD_NAME, render_card(config, num_params, class_name))
+    with atomic_path(out / WEIGHTS_NAME) as tmp:
+        save_file(dict(tensors), tmp, metadata=metadata)

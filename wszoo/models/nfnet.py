@@ -182,6 +182,28 @@ def _make_stem(in_chs: int, out_chs: int, stem_type: str, conv_layer: Callable, 
     raise ValueError(f"unknown stem_type {stem_type!r}; choose 'deep_quad', '3x3' or '7x7_pool'")
 
 
+def _with_overrides(cfg: NFNetConfig, overrides: Dict[str, Any]) -> NFNetConfig:
+    """``cfg`` with the model arguments that change it (timm's ``std_conv_eps`` read as ``ws_eps``)."""
+    if "std_conv_eps" in overrides:
+        if "ws_eps" in overrides:
+            raise ValueError("pass ws_eps or std_conv_eps (its timm name), not both")
+        overrides["ws_eps"] = overrides.pop("std_conv_eps")
+    cfg = replace(cfg, **overrides)
+    if cfg.act_layer not in NONLIN_GAMMA:
+        raise ValueError(f"no gamma constant for activation {cfg.act_layer!r}; known: {', '.join(NONLIN_GAMMA)}")
+    return cfg
+
+
+def _conv_and_act(cfg: NFNetConfig) -> Tuple[Callable[..., nn.Module], Callable[..., nn.Module]]:
+    """The Scaled WS conv and the activation, with the activation's gamma where the source puts it."""
+    gamma = NONLIN_GAMMA[cfg.act_layer]
+    conv_cls = ScaledWSConv2dSame if cfg.same_padding else ScaledWSConv2d
+    if cfg.gamma_in_act:  # DeepMind: gamma in the activation
+        return partial(conv_cls, eps=cfg.ws_eps, style=cfg.ws_style), act_with_gamma(cfg.act_layer, gamma)
+    # timm: gamma folded into every conv's scale
+    return partial(conv_cls, gamma=gamma, eps=cfg.ws_eps, style=cfg.ws_style), partial(create_act, cfg.act_layer)
+
+
 class NormFreeNet(IntermediatesApi, ClassifierHeadApi, nn.Module):
     """A normalizer-free network built from an :class:`NFNetConfig`.
 
@@ -209,25 +231,10 @@ class NormFreeNet(IntermediatesApi, ClassifierHeadApi, nn.Module):
     ) -> None:
         super().__init__()
         check_global_pool(global_pool, num_classes)  # before anything is built
-        if "std_conv_eps" in overrides:
-            if "ws_eps" in overrides:
-                raise ValueError("pass ws_eps or std_conv_eps (its timm name), not both")
-            overrides["ws_eps"] = overrides.pop("std_conv_eps")
-        cfg = replace(cfg, **overrides)
-        if cfg.act_layer not in NONLIN_GAMMA:
-            raise ValueError(f"no gamma constant for activation {cfg.act_layer!r}; known: {', '.join(NONLIN_GAMMA)}")
-        self.cfg = cfg
+        self.cfg = cfg = _with_overrides(cfg, overrides)
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
         self.grad_checkpointing = False
-
-        gamma = NONLIN_GAMMA[cfg.act_layer]
-        conv_cls = ScaledWSConv2dSame if cfg.same_padding else ScaledWSConv2d
-        if cfg.gamma_in_act:  # DeepMind: gamma in the activation
-            act_layer: Callable[..., nn.Module] = act_with_gamma(cfg.act_layer, gamma)
-            conv_layer = partial(conv_cls, eps=cfg.ws_eps, style=cfg.ws_style)
-        else:  # timm: gamma folded into every conv's scale
-            act_layer = partial(create_act, cfg.act_layer)
-            conv_layer = partial(conv_cls, gamma=gamma, eps=cfg.ws_eps, style=cfg.ws_style)
+        conv_layer, act_layer = _conv_and_act(cfg)
         attn = partial(create_attn, cfg.attn_layer, **cfg.attn_kwargs) if cfg.attn_layer else None
 
         stem_chs = make_divisible((cfg.stem_chs or cfg.channels[0]) * cfg.width_factor, cfg.ch_div)
