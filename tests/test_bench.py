@@ -14,7 +14,8 @@ def test_report_has_every_ratio_positive_and_finite():
                 "train_b2_ws_vs_plain", "train_b2_channels_last_ws_vs_plain",
                 "train_b2_ws_channels_last_vs_contiguous", "accum2x1_ws_vs_plain", "accum2x1_ws_accumulate_vs_plain",
                 "eval_b1_ort_vs_folded", "eval_b2_ort_vs_folded",  # ONNX Runtime: in the test extra
-                "train_b2_grouped_vs_plain", "train_b2_grouped_vs_per_layer", "standardize_grouped_vs_per_layer"}
+                "train_b2_grouped_vs_plain", "train_b2_grouped_vs_per_layer", "standardize_grouped_vs_per_layer",
+                "train_b2_frozen_backbone_ws_vs_folded", "optimizer_step_agc_vs_none"}
     assert set(result["ratios"]) == expected
     assert all(math.isfinite(v) and v > 0 for v in result["ratios"].values())
     memory = result["memory"]
@@ -25,6 +26,9 @@ def test_report_has_every_ratio_positive_and_finite():
     # counted by the torch profiler (not timed): grouping removes most of what WS dispatches per step
     dispatches = result["train"]["extra_dispatches"]
     assert 0 < dispatches["grouped"] < dispatches["per_layer"] / 2, dispatches
+    # AGC all at once against timm's parameter-by-parameter loop
+    agc = result["agc"]["dispatches"]
+    assert agc["parameters"] > 50 and 0 < agc["agc"] < agc["timm_agc"] / 4, agc
 
 
 def test_models_without_a_timm_twin_and_the_table():
@@ -34,6 +38,7 @@ def test_models_without_a_timm_twin_and_the_table():
     table = format_report(report)
     assert "| train_b2_ws_vs_plain |" in table and "resnet_mini_gn_ws" in table
     assert "| extra aten dispatches / training step, grouped (per layer) |" in table
+    assert "| aten dispatches of one AGC call, ours (timm's) |" in table
     assert report["machine"]["allocator_tuned"] is False
 
 

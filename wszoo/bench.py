@@ -17,18 +17,18 @@ the medians are in the JSON too), so drift moves numerator and denominator toget
   :func:`wszoo.accumulate_ws`;
 - the standardization of all WS weights alone, forward + backward (milliseconds), grouped and per layer;
 - memory: bytes autograd saves for backward in one training step (WS vs plain), bytes the eval cache
-  holds, and on CUDA the peak allocated memory of each training step.
+  holds, and on CUDA the peak allocated memory of each training step;
+- a linear probe's training step at batch min(B, 2) (everything but the classifier frozen: frozen WS layers
+  serve their cached weights) against its folded copy;
+- an optimizer step with adaptive gradient clipping against the same step without, and the operators one
+  AGC call dispatches (ours, all parameters at once; timm's, parameter by parameter).
 """
 import contextlib
 import copy
 import json
-import os
 import platform
-import statistics
-import sys
 import tempfile
-import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -38,7 +38,9 @@ from . import registry
 from .factory import create_model
 from .files import atomic_write_text
 from .layers.grouped import standardize_layers
+from .optim import adaptive_clip_grad, agc_parameters
 from .speed import accumulate_ws, fold_ws, group_ws, tune_cpu_allocator, ws_layers
+from .timing import count_dispatches, ratio, saved_bytes, time_interleaved, timing_entry, train_step_fn
 
 __all__ = ["benchmark_model", "run_benchmarks", "format_report", "write_report",
            "time_interleaved", "train_step_fn", "count_dispatches", "DEFAULT_MODELS", "timing_entry", "ratio",
@@ -46,65 +48,6 @@ __all__ = ["benchmark_model", "run_benchmarks", "format_report", "write_report",
 
 #: The models the speed issue's targets are stated for.
 DEFAULT_MODELS = ("resnetv2_50x1_bit", "nf_resnet50", "resnet50_gn_ws")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(fns: Dict[str, Callable[[], Any]], repeats: int, warmup: int, device: torch.device,
-                 medians: Optional[Dict[str, float]] = None) -> Dict[str, float]:
-    """Best-of-``repeats`` seconds per call of each fn, timing them round-robin so drift hits all alike;
-    ``medians`` (if given) receives the medians."""
-    times: Dict[str, List[float]] = {k: [] for k in fns}
-    for i in range(warmup + repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    if medians is not None:
-        medians.update({k: statistics.median(v) for k, v in times.items()})
-    return {k: min(v) for k, v in times.items()}
-
-
-def timing_entry(best: Dict[str, float], medians: Dict[str, float], digits: int = 1) -> Dict[str, float]:
-    entry = {f"{k}_ms": round(v * 1e3, digits) for k, v in best.items()}
-    entry.update({f"{k}_median_ms": round(v * 1e3, digits) for k, v in medians.items()})
-    return entry
-
-
-def saved_bytes(step: Callable[[], Any], model: Optional[nn.Module] = None) -> int:
-    """Bytes of the tensors autograd saves for backward while ``step`` runs, and those the grouped
-    standardization of ``model``'s WS layers keeps for its backward (distinct storages)."""
-    seen: Dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    groups = {id(g): g for _, layer in ws_layers(model) if (g := layer.ws_group()) is not None} if model else {}
-    for group in groups.values():
-        for t in group.held_tensors():
-            pack(t)
-    return sum(seen.values())
-
-
-def train_step_fn(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                  targets: torch.Tensor) -> Callable[[], None]:
-    """One training step (forward, cross-entropy, backward, optimizer step) as a no-argument function."""
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(images), targets).backward()
-        optimizer.step()
-    return step
 
 
 def _accum_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, targets: torch.Tensor,
@@ -126,10 +69,6 @@ def _cuda_peak(device: torch.device, fn: Callable[[], Any]) -> Optional[int]:
     return int(torch.cuda.max_memory_allocated(device))
 
 
-def ratio(a: float, b: float) -> float:
-    return round(a / b, 3)
-
-
 def _ort_session(model: nn.Module, size: int, tmp_dir: str):
     """An ONNX Runtime session (CPU provider, as many intra-op threads as torch uses) of ``model``'s verified
     export (dynamic batch), or None when onnxruntime is not installed."""
@@ -145,8 +84,8 @@ def _ort_session(model: nn.Module, size: int, tmp_dir: str):
     options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
     # ORT's worker threads spin for a while after each run by default: timed interleaved, they would take the
     # cores from whichever variant runs next (measured: the WS model's batch-1 eval went from 1.01x to 1.5x)
-    options.add_session_configtiming_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_configtiming_entry("session.inter_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -246,41 +185,6 @@ def _bench_train(model: nn.Module, plain: nn.Module, size: int, train_batch: int
     return entry, memory
 
 
-@contextlib.contextmanager
-def _native_stderr_silenced() -> Iterator[None]:
-    """The profiler's native library writes a start and a stop line to file descriptor 2 on every use:
-    keep them out of the bench's output (Python's own errors still arrive as exceptions)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def count_dispatches(step: Callable[[], Any]) -> int:
-    """The aten operators one call of ``step`` dispatches at the top level (not those an operator calls
-    inside itself), by the torch profiler: each is at least one kernel launch (on GPU) and a round trip
-    through the dispatcher. Run once before counting, so lazy initialisation is not counted."""
-    from torch.profiler import ProfilerActivity, profile
-
-    step()
-    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
-    count = 0
-    for event in prof.events():
-        if not event.name.startswith("aten::"):
-            continue
-        parent = event.cpu_parent
-        while parent is not None and not parent.name.startswith("aten::"):
-            parent = parent.cpu_parent
-        count += parent is None
-    return count
-
-
 def _bench_standardize(model: nn.Module, repeats: int, warmup: int, dev: torch.device) -> Dict[str, float]:
     """Milliseconds to standardize every WS weight of ``model``, forward + backward: layer by layer, and all
     together (:func:`wszoo.layers.standardize_layers`, what :func:`wszoo.group_ws` runs)."""
@@ -313,6 +217,54 @@ def _bench_accumulate(model: nn.Module, plain: nn.Module, size: int, accum_steps
     entry["ws_vs_plain"] = ratios[f"accum{accum_steps}x1_ws_vs_plain"] = ratio(t["ws"], t["plain"])
     entry["ws_accumulate_vs_plain"] = ratios[f"accum{accum_steps}x1_ws_accumulate_vs_plain"] = \
         ratio(t["ws_accumulate"], t["plain"])
+    return entry
+
+
+def _bench_frozen(model: nn.Module, size: int, train_batch: int, repeats: int, warmup: int, dev: torch.device,
+                  ratios: Dict[str, float]) -> Dict[str, Any]:
+    """A linear probe's training step (everything but the classifier frozen, as ``finetune --freeze-stages``
+    and detection's frozen stages are in part): the WS model, whose frozen layers serve their cached
+    standardized weights, against its folded copy (plain convs)."""
+    probe = copy.deepcopy(model).train()
+    head = {id(p) for p in probe.get_classifier().parameters()}
+    for p in probe.parameters():
+        p.requires_grad_(id(p) in head)
+    folded = fold_ws(probe).train()
+    x = torch.randn(train_batch, model.in_chans, size, size, device=dev)
+    y = torch.randint(0, model.num_classes, (train_batch,), device=dev)
+
+    def sgd(m: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+
+    fns = {"ws": train_step_fn(probe, sgd(probe), x, y), "folded": train_step_fn(folded, sgd(folded), x, y)}
+    med: Dict[str, float] = {}
+    t = time_interleaved(fns, repeats, warmup, dev, med)
+    entry = timing_entry(t, med)
+    entry["ws_vs_folded"] = ratios[f"train_b{train_batch}_frozen_backbone_ws_vs_folded"] = ratio(t["ws"], t["folded"])
+    return entry
+
+
+def _bench_agc(model: nn.Module, repeats: int, warmup: int, dev: torch.device, ratios: Dict[str, float]
+               ) -> Dict[str, Any]:
+    """One optimizer step (SGD, Nesterov momentum, weight decay: finetune's) with adaptive gradient clipping on
+    every parameter but the classifier, against the same step without; and the operators one AGC call
+    dispatches, ours (all parameters at once) and timm's ``adaptive_clip_grad`` (parameter by parameter)."""
+    from timm.utils.agc import adaptive_clip_grad as timm_agc
+
+    net = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(0)
+    for p in net.parameters():
+        p.grad = (torch.randn(p.shape, generator=gen) * 0.05).to(dev)
+    params = agc_parameters(net)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-6, momentum=0.9, nesterov=True, weight_decay=1e-5)
+    fns = {"sgd": opt.step, "sgd_agc": lambda: (adaptive_clip_grad(params, 0.01), opt.step())}
+    med: Dict[str, float] = {}
+    t = time_interleaved(fns, repeats, warmup, dev, med)
+    entry = timing_entry(t, med, 2)
+    entry["sgd_agc_vs_sgd"] = ratios["optimizer_step_agc_vs_none"] = ratio(t["sgd_agc"], t["sgd"])
+    entry["dispatches"] = {"agc": count_dispatches(lambda: adaptive_clip_grad(params, 0.01)),
+                           "timm_agc": count_dispatches(lambda: timm_agc(params, 0.01)),
+                           "sgd_step": count_dispatches(opt.step), "parameters": len(params)}
     return entry
 
 
@@ -353,6 +305,8 @@ def benchmark_model(
     result["standardize_fwd_bwd_ms_per_layer"] = standardize["per_layer"]
     ratios["standardize_grouped_vs_per_layer"] = ratio(standardize["grouped"], standardize["per_layer"])
     result["accumulate"] = _bench_accumulate(model, plain, size, accum_steps, repeats, warmup, dev, ratios)
+    result["frozen_backbone"] = _bench_frozen(model, size, min(train_batch, 2), repeats, warmup, dev, ratios)
+    result["agc"] = _bench_agc(model, repeats, warmup, dev, ratios)
     result["memory"] = memory
     result["ratios"] = ratios
     return result
@@ -421,7 +375,9 @@ def format_report(report: Dict[str, Any]) -> str:
         for label, cell in (
                 ("extra aten dispatches / training step, grouped (per layer)", dispatches),
                 ("standardize all WS weights fwd+bwd ms, grouped (per layer)",
-                 lambda r: f"{r['standardize_fwd_bwd_ms']:g} ({r['standardize_fwd_bwd_ms_per_layer']:g})")):
+                 lambda r: f"{r['standardize_fwd_bwd_ms']:g} ({r['standardize_fwd_bwd_ms_per_layer']:g})"),
+                ("aten dispatches of one AGC call, ours (timm's)",
+                 lambda r: f"{r['agc']['dispatches']['agc']} ({r['agc']['dispatches']['timm_agc']})")):
             lines.append(f"| {label} | " + " | ".join(cell(r) for r in results) + " |")
     m = report["machine"]
     lines.append("")

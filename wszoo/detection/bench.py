@@ -6,8 +6,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 from .. import registry
-from ..bench import prepare_run, ratio, saved_bytes, time_interleaved, timing_entry
+from ..bench import prepare_run
 from ..speed import fold_ws, group_ws
+from ..timing import ratio, saved_bytes, time_interleaved, timing_entry
 from .detectors import build_detector
 
 __all__ = ["detection_batch", "benchmark_detector", "run_detector_benchmark"]
