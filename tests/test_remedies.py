@@ -52,7 +52,7 @@ def one_line_error(argv, code=2):
 
 # --- the GN+WS authors' pickles, offline ---------------------------------------------------------------------
 def test_offline_pickle_says_where_to_put_it_and_its_convert_command_works(caches, monkeypatch, tmp_path):
-    """The README's `wszoo finetune --model resnet50_gn_ws --pretrained ...` offline: the URL, the convert command
+    """docs/training.md's `wszoo finetune --model resnet50_gn_ws --pretrained ...` offline: the URL, the convert command
     into the cache (run here as printed), and --checkpoint DIR (not checkpoint_path) for a copy elsewhere."""
     fm = make_fashion_mnist(tmp_path / "fm", n_train=8, n_test=4)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -189,14 +189,14 @@ def test_convert_of_a_random_file_is_one_line_without_unsafe_advice(tmp_path):
     assert "weights_only` set to `False`" not in err and "add_safe_globals" not in err
 
 
-# --- the README's resume command, as written ------------------------------------------------------------------
+# --- docs/training.md's resume command, as written ------------------------------------------------------------
 def test_resume_alone_continues_the_run_in_place(tmp_path):
     fm = make_fashion_mnist(tmp_path / "fm", n_train=16, n_test=8)
     base = ["finetune", "--model", "resnet_mini_gn_ws", "--dataset", "fashion-mnist", "--data-dir", str(fm),
             "-b", "8", "--log-interval", "0"]
     run = tmp_path / "runs" / "fm"
     assert run_cli(base + ["--epochs", "1", "--output", str(run)])[0] == 0
-    rc, _, err = run_cli(base + ["--epochs", "2", "--resume", str(run)])  # README: wszoo finetune ... --resume DIR
+    rc, _, err = run_cli(base + ["--epochs", "2", "--resume", str(run)])  # docs/training.md: ... --resume DIR
     assert rc == 0, err
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert [r["epoch"] for r in rows] == [0, 1]

@@ -109,7 +109,7 @@ def test_finetune_errors(folder, tmp_path, capsys):
     assert "no last/model.safetensors" in capsys.readouterr().err
 
 
-# --- DDP micro-batches: the README's recipe under torch.distributed.run -----------------------------------
+# --- DDP micro-batches: docs/training.md's recipe under torch.distributed.run -----------------------------
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 

@@ -83,7 +83,7 @@ def _ort_session(model: nn.Module, size: int, tmp_dir: str):
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
     # ORT's worker threads spin for a while after each run by default: timed interleaved, they would take the
-    # cores from whichever variant runs next (measured: the WS model's batch-1 eval went from 1.01x to 1.5x)
+    # cores from whichever variant runs next (measured: docs/measurements.md, 2026-12-02)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])

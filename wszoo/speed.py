@@ -95,15 +95,15 @@ def group_ws(model: nn.Module, enabled: Union[bool, str] = True) -> nn.Module:
     """Standardize all WS layers of ``model`` together in training. ``enabled``: ``True`` on every device;
     ``'auto'`` (what :func:`wszoo.create_model` and the detection builders set) on GPUs and other accelerators,
     where per-layer standardization is bound by kernel launches, but layer by layer on the CPU, where the
-    grouped path's extra copies make it no faster (measured by ``wszoo bench``, see docs/measurements.md);
+    grouped path's extra copies make it no faster (measured by ``wszoo bench``: docs/speed.md);
     ``False`` layer by layer everywhere.
 
     The layers join one :class:`wszoo.layers.LayerGroup`: the first training forward after any weight
     changed standardizes every layer's weight in one grouped computation (:func:`wszoo.layers.standardize_weights`:
     flat buffers, one batched standardization per distinct fan-in and formula, one autograd node) and the
     layers convolve with their slices. The same numbers as per-layer standardization (float rounding) and
-    the same gradients; a ResNet-50 training step dispatches ~15x fewer operators for it. The results serve
-    every forward until a weight changes (the optimizer step), so micro-batches and gradient checkpointing's
+    the same gradients, for far fewer dispatched operators (the counts per model: docs/speed.md). The results
+    serve every forward until a weight changes (the optimizer step), so micro-batches and gradient checkpointing's
     recomputation reuse them; they stay in memory until then (about two copies of the WS weights). Eval mode
     (which caches), ``torch.compile`` (which fuses the per-layer form itself), TorchScript and FX are
     unaffected. Works with :func:`accumulate_ws`, AMP (float32 statistics), channels-last, frozen layers and
@@ -133,9 +133,10 @@ def tune_cpu_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 2**
     """Make glibc keep large freed blocks for reuse instead of returning them to the OS.
 
     By default glibc ``mmap``s every block above a (dynamic) threshold and unmaps it on free, so a
-    training step that allocates ~100 MB of standardized weights and their gradients page-faults all of
-    it in again every step (tens of ms per 100 MB on a small CPU). This sets ``M_MMAP_THRESHOLD`` (at most
-    32 MiB on 64-bit glibc) and ``M_TRIM_THRESHOLD`` for the whole process, like the environment variables
+    training step that allocates its standardized weights and their gradients afresh (~100 MB for a
+    ResNet-50) page-faults all of it in again every step (what that costs: docs/speed.md). This sets
+    ``M_MMAP_THRESHOLD`` (at most 32 MiB on 64-bit glibc) and ``M_TRIM_THRESHOLD`` for the whole process,
+    like the environment variables
     ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647``. Plain-conv nets gain too.
     Returns False (and changes nothing) where the C library is not glibc.
     """

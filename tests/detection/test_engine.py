@@ -120,7 +120,7 @@ def test_mask_rcnn_reports_mask_ap(shapes, tmp_path):
 
 
 def test_micro_batches_under_torchrun(shapes, tmp_path):
-    """2 processes x micro-batches of 1 image x 2 steps: the recipe the README gives for small GPUs."""
+    """2 processes x micro-batches of 1 image x 2 steps: the recipe docs/detection.md gives for small GPUs."""
     out = tmp_path / "ddp"
     (images, ann), _ = shapes
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "wszoo",

@@ -77,9 +77,9 @@ class _Standardize(torch.autograd.Function):
     """``y = (W - mean) * b(v) * scale`` per row of a 2-D weight, with an analytic, fused backward, for
     the styles batch_norm cannot express (eps outside the sqrt, unbiased variance, a clamp).
 
-    Why not plain autograd: on CPU the ``qiao`` standardization of a ResNet-50's 23.5M weights, forward
-    plus backward, costs ~340 ms through ``var_mean``/subtract/divide, against ~50 ms here. Forward: a
-    mean, one centred copy, a row norm, an in-place scale. Backward: exactly one batch_norm backward.
+    Why not plain autograd: on CPU the ``qiao`` standardization of a ResNet-50's weights, forward plus
+    backward, costs several times more through ``var_mean``/subtract/divide (timings: docs/speed.md).
+    Forward: a mean, one centred copy, a row norm, an in-place scale. Backward: exactly one batch_norm backward.
     For ``y = c * a(v)`` (``c = W - mean``, ``a = b * scale``) the gradient is
     ``a (g - mean(g)) + 2 a'(v) / n * sum(g c) * c``; batch_norm's backward with ``invstd = rho`` and
     affine weight ``gamma`` gives ``gamma rho (g - mean(g)) - gamma rho^3 / n * sum(g c) * c``, so
