@@ -9,7 +9,7 @@ import wszoo
 from tests.data_fixtures import make_fashion_mnist, make_image_folder
 from tests.helpers import child_log
 from wszoo.cli import main
-from wszoo.models.helpers import freeze_stages
+from wszoo.features import freeze_stages
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 import torch.nn as nn
 
-from . import registry, speed
+# importing wszoo.models registers every architecture in the registry create_model reads
+from . import models, registry, speed  # noqa: F401 (models: imported for its registrations)
 from .checkpoint import CheckpointError, load_checkpoint, safetensors_metadata
-from .features import wrap_features
+from .features import freeze_stages, wrap_features
 from .hub import CONFIG_NAME, load_pretrained, read_saved_config, resolve_saved_model, saved_weights_file
-from .models.helpers import freeze_stages
 from .provenance import METADATA_KEY, loaded_weights, record_weights
 from .saved_config import saved_model_args
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from timm.models import FeatureDictNet, FeatureGraphNet, FeatureHookNet, FeatureInfo, FeatureListNet
 
-__all__ = ["FEATURE_CLASSES", "FeatureGetter", "wrap_features"]
+__all__ = ["FEATURE_CLASSES", "FeatureGetter", "wrap_features", "freeze_stages"]
 
 
 class FeatureGetter(nn.Module):
@@ -73,3 +73,33 @@ def wrap_features(model: nn.Module, out_indices: Optional[Sequence[int]] = None,
     features.pretrained_cfg = features.default_cfg = pretrained_cfg
     features.model_args = model_args
     return features
+
+
+# --- what a backbone keeps fixed (detection recipes, linear probes) ----------------------------------
+def _keep_eval(module: nn.Module, inputs) -> None:
+    module.training = False  # a frozen BatchNorm keeps its running statistics, also after model.train()
+
+
+def freeze_stages(model: nn.Module, stages: int) -> List[str]:
+    """Stop training the stem (``stages=0``) or the stem and the first ``stages`` stages, as detection
+    recipes' ``frozen_stages`` do: parameters get ``requires_grad=False`` and frozen BatchNorms use their
+    running statistics. Stage boundaries come from ``model.feature_info``; everything registered
+    before the first stage is the stem. Returns the frozen parameter names."""
+    stage_modules = [f["module"] for f in model.feature_info[1:]]
+    if not 0 <= stages <= len(stage_modules):
+        raise ValueError(f"frozen stages must be between 0 and {len(stage_modules)}, got {stages}")
+    first_stage = stage_modules[0] + "."
+    frozen_prefixes = tuple(m + "." for m in stage_modules[:stages])
+    frozen: List[str] = []
+    reached_stages = False
+    for name, param in model.named_parameters():
+        reached_stages = reached_stages or name.startswith(first_stage)
+        if not reached_stages or name.startswith(frozen_prefixes):
+            param.requires_grad_(False)
+            frozen.append(name)
+    frozen_set = set(frozen)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and f"{name}.weight" in frozen_set:
+            module.eval()
+            module.register_forward_pre_hook(_keep_eval)
+    return frozen

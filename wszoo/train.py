@@ -30,8 +30,8 @@ from .distributed import all_reduce_gradients, init_distributed, is_main_process
 from .epochs import check_same_seed, epoch_summary, seed_epoch
 from .evaluate import autocast_context, evaluate
 from .factory import create_model
+from .features import freeze_stages
 from .hub import WEIGHTS_NAME, save_pretrained
-from .models.helpers import freeze_stages
 from .optim import adaptive_clip_grad, agc_parameters
 from .provenance import finetune_record
 from .run_dir import RunDirectory, TrainingInterrupted, check_output, interruption, load_train_state, save_train_state

@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = ["stage_strides_and_dilations", "checkpoint_blocks", "init_classifier_", "init_conv_and_norm",
            "check_output_stride", "check_global_pool", "make_classifier_head", "ClassifierHeadApi", "IntermediatesApi",
-           "freeze_stages", "take_indices"]
+           "take_indices"]
 
 
 def check_output_stride(output_stride: int) -> int:
@@ -118,35 +118,6 @@ class ClassifierHeadApi:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-def _keep_eval(module: nn.Module, inputs) -> None:
-    module.training = False  # a frozen BatchNorm keeps its running statistics, also after model.train()
-
-
-def freeze_stages(model: nn.Module, stages: int) -> List[str]:
-    """Stop training the stem (``stages=0``) or the stem and the first ``stages`` stages, as detection
-    recipes' ``frozen_stages`` do: parameters get ``requires_grad=False`` and frozen BatchNorms use their
-    running statistics. Stage boundaries come from ``model.feature_info``; everything registered
-    before the first stage is the stem. Returns the frozen parameter names."""
-    stage_modules = [f["module"] for f in model.feature_info[1:]]
-    if not 0 <= stages <= len(stage_modules):
-        raise ValueError(f"frozen stages must be between 0 and {len(stage_modules)}, got {stages}")
-    first_stage = stage_modules[0] + "."
-    frozen_prefixes = tuple(m + "." for m in stage_modules[:stages])
-    frozen: List[str] = []
-    reached_stages = False
-    for name, param in model.named_parameters():
-        reached_stages = reached_stages or name.startswith(first_stage)
-        if not reached_stages or name.startswith(frozen_prefixes):
-            param.requires_grad_(False)
-            frozen.append(name)
-    frozen_set = set(frozen)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and f"{name}.weight" in frozen_set:
-            module.eval()
-            module.register_forward_pre_hook(_keep_eval)
-    return frozen
 
 
 def take_indices(levels: int, indices: Optional[Union[int, Sequence[int]]]) -> Tuple[List[int], int]:
