@@ -3,10 +3,13 @@ layer by layer vs plain convs, and the standardization alone; then a GN+WS Mask 
 ways. The targets it checks (issue 18): eager step at batch 32 <= 1.10x plain for resnet50_gn_ws,
 resnetv2_50x1_bit and nf_resnet50; all standardization of ResNet-50 fwd+bwd <= 1.5 ms; the Mask R-CNN
 (``build_detector('maskrcnn', 'resnet50_gn_ws')``, batch 2 at 800x1333) step <= 1.05x its plain-conv copy.
+Also (issue 27) adaptive gradient clipping on nfnet_f0 and nf_resnet50: one SGD step with AGC against the same
+step without, for AGC all at once (the default on GPUs: weights concatenated per unit shape), per weight (the
+CPU's layout), and timm's per-parameter loop.
 
     python scripts/gpu_grouped_bench.py OUT_DIR                      # on a CUDA machine: the targets' sizes
     python scripts/gpu_grouped_bench.py OUT_DIR --device cpu --batch 2 --img-size 32 --det-size 64 96 \
-        --det-backbone nf_regnet_b0 --repeats 1 --models resnet_mini_gn_ws          # a dry run on the CPU
+        --det-backbone nf_regnet_b0 --repeats 1 --models resnet_mini_gn_ws --agc-models nf_regnet_b0  # CPU dry run
 
 Writes OUT_DIR/gpu_grouped_bench.json (after each model, so a cut-short run keeps what it measured).
 """
@@ -59,6 +62,31 @@ def classifier(name: str, dev: torch.device, batch: int, img_size: int | None, r
                                  "per_layer": count_dispatches(fns["per_layer"]) - plain_ops}}
 
 
+def agc(name: str, dev: torch.device, repeats: int) -> dict:
+    """An SGD step (Nesterov, weight decay) with AGC on every parameter but the classifier against the step
+    without: ours concatenated (the GPU default), ours per weight, and timm's per-parameter loop."""
+    from timm.utils.agc import adaptive_clip_grad as timm_agc
+
+    from wszoo.optim import adaptive_clip_grad, agc_parameters
+
+    torch.manual_seed(0)
+    model = wszoo.create_model(name).to(dev)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 0.05
+    params = agc_parameters(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9, nesterov=True, weight_decay=1e-5)
+    fns = {"sgd": opt.step,
+           "agc_concatenated": lambda: (adaptive_clip_grad(params, 0.01, concatenate=True), opt.step()),
+           "agc_per_weight": lambda: (adaptive_clip_grad(params, 0.01, concatenate=False), opt.step()),
+           "timm_agc": lambda: (timm_agc(params, 0.01), opt.step())}
+    best = time_interleaved(fns, repeats=repeats, warmup=min(2, repeats), device=dev)
+    dispatches = {"agc_concatenated": count_dispatches(lambda: adaptive_clip_grad(params, 0.01, concatenate=True)),
+                  "agc_per_weight": count_dispatches(lambda: adaptive_clip_grad(params, 0.01, concatenate=False)),
+                  "timm_agc": count_dispatches(lambda: timm_agc(params, 0.01))}
+    return {"parameters": len(params), "step_ms": {k: round(v * 1e3, 3) for k, v in best.items()},
+            **{f"{k}_vs_sgd": round(best[k] / best["sgd"], 3) for k in fns if k != "sgd"}, "dispatches": dispatches}
+
+
 def detector(dev: torch.device, backbone: str, height: int, width: int, repeats: int) -> dict:
     from wszoo.detection import build_detector
 
@@ -105,6 +133,7 @@ def main(argv=None) -> int:
     parser.add_argument("--det-backbone", default="resnet50_gn_ws")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--models", nargs="*", default=["resnet50_gn_ws", "resnetv2_50x1_bit", "nf_resnet50"])
+    parser.add_argument("--agc-models", nargs="*", default=["nfnet_f0", "nf_resnet50"])
     args = parser.parse_args(argv)
     dev = torch.device(args.device)
     if dev.type == "cuda":
@@ -116,6 +145,11 @@ def main(argv=None) -> int:
     for name in args.models:
         results["models"][name] = entry = classifier(name, dev, args.batch, args.img_size, args.repeats)
         print(name, json.dumps(entry), flush=True)
+        (out / "gpu_grouped_bench.json").write_text(json.dumps(results, indent=1))
+    results["agc"] = {}
+    for name in args.agc_models:
+        results["agc"][name] = entry = agc(name, dev, args.repeats)
+        print("agc", name, json.dumps(entry), flush=True)
         (out / "gpu_grouped_bench.json").write_text(json.dumps(results, indent=1))
     results["maskrcnn"] = entry = detector(dev, args.det_backbone, *args.det_size, max(1, args.repeats // 2))
     print("maskrcnn", json.dumps(entry), flush=True)
