@@ -11,7 +11,7 @@ from wszoo.cli import main
 def test_list(capsys):
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.split()
-    assert lines[0] == "dm_nfnet_f0" and "resnetv2_152x4_bit" in lines and len(lines) == 57
+    assert lines[0] == "dm_nfnet_f0" and "resnetv2_152x4_bit" in lines and len(lines) == 59
 
 
 def test_list_pretrained_filtered(capsys):
@@ -51,7 +51,7 @@ def test_info_bad_checkpoint(capsys, tmp_path):
 def test_demo_runs_every_family(capsys):
     assert main(["demo", "--img-size", "32"]) == 0
     out = capsys.readouterr().out
-    assert "57 registered models" in out
+    assert "59 registered models" in out
     assert "resnet_gn_ws: resnext50_32x4d_gn_ws" in out and "resnetv2_bit: resnetv2_50x1_bit" in out
     assert "nfnet: nf_regnet_b0" in out and "resnet_mini: resnet_mini_bn" in out
     assert "vit_hybrid: vit_tiny_r_s16_p8_224 (6.3M params) input [1, 3, 224, 224]" in out  # its fixed grid

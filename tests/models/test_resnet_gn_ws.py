@@ -4,13 +4,15 @@ from functools import partial
 import pytest
 import torch
 import torch.nn as nn
-from torchvision.models.resnet import Bottleneck, ResNet
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import wszoo
 from tests.helpers import randomize_, rel_diff
 from tests.layers.test_standardize import ref_qiao
 
 TORCHVISION_CONFIGS = {
+    "resnet18_gn_ws": dict(block=BasicBlock, layers=[2, 2, 2, 2]),
+    "resnet34_gn_ws": dict(block=BasicBlock, layers=[3, 4, 6, 3]),
     "resnet50_gn_ws": dict(layers=[3, 4, 6, 3]),
     "resnet101_gn_ws": dict(layers=[3, 4, 23, 3]),
     "resnext50_32x4d_gn_ws": dict(layers=[3, 4, 6, 3], groups=32, width_per_group=4),
@@ -21,7 +23,8 @@ TORCHVISION_CONFIGS = {
 def torchvision_reference(name: str, state_dict, **kwargs) -> nn.Module:
     """torchvision's ResNet with GN(32) norms, loaded with our keys, convs replaced by their WS weights."""
     cfg = dict(TORCHVISION_CONFIGS[name])
-    tv = ResNet(Bottleneck, cfg.pop("layers"), norm_layer=partial(nn.GroupNorm, 32), **cfg, **kwargs)
+    block = cfg.pop("block", Bottleneck)
+    tv = ResNet(block, cfg.pop("layers"), norm_layer=partial(nn.GroupNorm, 32), **cfg, **kwargs)
     tv.to(next(iter(state_dict.values())).dtype)
     tv.load_state_dict(state_dict, strict=True)  # exactly torchvision's key layout
     with torch.no_grad():
@@ -75,3 +78,29 @@ def test_in_chans_and_zero_init_last():
     assert model.conv1.weight.shape[1] == 1
     assert model(torch.randn(1, 1, 32, 32)).shape == (1, 7)
     assert all(b.bn3.weight.abs().sum() == 0 for b in model.layer1)
+
+
+def test_small_resnets_in_every_builder():
+    """ResNet-18/34 GN+WS: torchvision's key layout, each basic block's last GN zero-initialized on request, and
+    the backbone of features_only models, detectors and segmenters (the CPU-sized studies use them)."""
+    from wszoo.detection import build_detector, build_segmenter
+    from wszoo.models.resnet_gn_ws import BasicBlock as WSBasicBlock
+    from wszoo.models.resnet_gn_ws import GNWSResNet
+
+    r18 = wszoo.create_model("resnet18_gn_ws", zero_init_last=True)
+    tv = ResNet(BasicBlock, [2, 2, 2, 2], norm_layer=partial(nn.GroupNorm, 32))
+    assert list(r18.state_dict()) == list(tv.state_dict())
+    assert all(b.bn2.weight.abs().sum() == 0 for b in r18.layer1)
+    assert all(m.ws_style == "qiao" and m.ws_eps == 1e-5 for m in r18.modules() if wszoo.layers.is_ws_layer(m))
+    features = wszoo.create_model("resnet34_gn_ws", features_only=True, out_indices=(1, 2, 3, 4))
+    assert features.feature_info.channels() == [64, 128, 256, 512]
+    assert features.feature_info.reduction() == [4, 8, 16, 32]
+    torch.manual_seed(0)
+    detector = build_detector("fasterrcnn", "resnet18_gn_ws", 3, pretrained_backbone=False, min_size=64,
+                              max_size=64).eval()
+    with torch.no_grad():
+        assert set(detector([torch.rand(3, 64, 64)])[0]) == {"boxes", "labels", "scores"}
+        segmenter = build_segmenter("deeplabv3", "resnet18_gn_ws", 4, pretrained_backbone=False).eval()
+        assert segmenter(torch.randn(1, 3, 64, 64))["out"].shape == (1, 4, 64, 64)
+    with pytest.raises(ValueError, match="basic blocks"):
+        GNWSResNet((2, 2, 2, 2), block=WSBasicBlock, groups=32, width_per_group=4)

@@ -1,5 +1,6 @@
 """GN+WS ResNet and ResNeXt (Qiao et al., "Micro-Batch Training with Batch-Channel Normalization and
-Weight Standardization", arXiv:1903.10520): the authors' ImageNet models.
+Weight Standardization", arXiv:1903.10520): the authors' ImageNet models, and ResNet-18/34 with the same
+numerics on basic blocks (no published weights: the small backbones for CPU-sized studies).
 
 Every convolution (stem, blocks, projections) is weight-standardized in the ``qiao`` style
 ``(W - mean) / (std_unbiased + 1e-5)`` and every BatchNorm of ResNet-v1.5 is GroupNorm(32). Module
@@ -25,7 +26,47 @@ from .helpers import (
     stage_strides_and_dilations,
 )
 
-__all__ = ["GNWSResNet", "Bottleneck"]
+__all__ = ["GNWSResNet", "Bottleneck", "BasicBlock"]
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (ResNet-18/34): ``relu(x' + GN(conv2(relu(GN(conv1(x))))))``, two 3x3 convs, the
+    stride on the first. ``dilation`` is the first conv's, ``next_dilation`` the second's (a dilated stage's
+    first block still enters at the previous stage's dilation)."""
+
+    expansion = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: Optional[nn.Module] = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        next_dilation: Optional[int] = None,
+        conv_layer: Callable[..., nn.Module] = WSConv2d,
+        norm_layer: Callable[[int], nn.Module] = partial(nn.GroupNorm, 32),
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if groups != 1 or base_width != 64:
+            raise ValueError("basic blocks (ResNet-18/34) have no groups or width: pass groups=1, width_per_group=64")
+        next_dilation = next_dilation or dilation
+        self.conv1 = conv_layer(inplanes, planes, 3, stride=stride, padding=dilation, dilation=dilation)
+        self.bn1 = norm_layer(planes)
+        self.conv2 = conv_layer(planes, planes, 3, padding=next_dilation, dilation=next_dilation)
+        self.bn2 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.bn2(self.conv2(x))
+        return self.relu(self.drop_path(x) + shortcut)
 
 
 class Bottleneck(nn.Module):
@@ -74,6 +115,7 @@ class GNWSResNet(IntermediatesApi, nn.Module):
 
     Args:
         layers: blocks per stage, e.g. ``(3, 4, 6, 3)`` for ResNet-50.
+        block: :class:`Bottleneck` (ResNet-50 and deeper, ResNeXt) or :class:`BasicBlock` (ResNet-18/34).
         num_classes: classifier outputs; 0 gives no classifier (``forward`` returns pooled features).
         in_chans: input image channels.
         groups, width_per_group: ResNeXt cardinality and per-group width (1, 64 for plain ResNet).
@@ -106,6 +148,7 @@ class GNWSResNet(IntermediatesApi, nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         zero_init_last: bool = False,
+        block: type = Bottleneck,
     ) -> None:
         super().__init__()
         if len(layers) != 4:
@@ -133,17 +176,20 @@ class GNWSResNet(IntermediatesApi, nn.Module):
             blocks: List[nn.Module] = []
             for i in range(depth):
                 downsample = None
-                if i == 0 and (stride != 1 or inplanes != planes * Bottleneck.expansion):
+                if i == 0 and (stride != 1 or inplanes != planes * block.expansion):
                     downsample = nn.Sequential(
-                        conv_layer(inplanes, planes * Bottleneck.expansion, 1, stride=stride, padding=0),
-                        norm_layer(planes * Bottleneck.expansion),
+                        conv_layer(inplanes, planes * block.expansion, 1, stride=stride, padding=0),
+                        norm_layer(planes * block.expansion),
                     )
-                blocks.append(Bottleneck(
+                dilations = {"dilation": first_dilation if i == 0 else dilation}
+                if block is BasicBlock:
+                    dilations["next_dilation"] = dilation
+                blocks.append(block(
                     inplanes, planes, stride=stride if i == 0 else 1, downsample=downsample, groups=groups,
-                    base_width=width_per_group, dilation=first_dilation if i == 0 else dilation,
-                    conv_layer=conv_layer, norm_layer=norm_layer, drop_path_rate=block_rates[block_idx],
+                    base_width=width_per_group, conv_layer=conv_layer, norm_layer=norm_layer,
+                    drop_path_rate=block_rates[block_idx], **dilations,
                 ))
-                inplanes = planes * Bottleneck.expansion
+                inplanes = planes * block.expansion
                 block_idx += 1
             reduction *= stride
             name = f"layer{stage_idx + 1}"
@@ -156,8 +202,8 @@ class GNWSResNet(IntermediatesApi, nn.Module):
         init_conv_and_norm(self)
         if zero_init_last:
             for m in self.modules():
-                if isinstance(m, Bottleneck):
-                    nn.init.zeros_(m.bn3.weight)
+                if isinstance(m, (Bottleneck, BasicBlock)):
+                    nn.init.zeros_(m.bn3.weight if isinstance(m, Bottleneck) else m.bn2.weight)
 
     @staticmethod
     def _make_pool(global_pool: str, num_classes: int) -> nn.Module:
@@ -227,6 +273,18 @@ class GNWSResNet(IntermediatesApi, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+@register_model
+def resnet18_gn_ws(**kwargs) -> GNWSResNet:
+    """ResNet-18 with GN+WS on basic blocks (the authors' WS formula, GroupNorm(32)); no published weights."""
+    return GNWSResNet((2, 2, 2, 2), block=BasicBlock, **kwargs)
+
+
+@register_model
+def resnet34_gn_ws(**kwargs) -> GNWSResNet:
+    """ResNet-34 with GN+WS on basic blocks (the authors' WS formula, GroupNorm(32)); no published weights."""
+    return GNWSResNet((3, 4, 6, 3), block=BasicBlock, **kwargs)
 
 
 @register_model
