@@ -1,4 +1,16 @@
-"""wszoo: a timm-style model zoo for Weight Standardization architectures."""
+"""wszoo: a timm-style model zoo for Weight Standardization architectures.
+
+Fine-tuning from Python (the ``wszoo finetune`` command's settings, as :class:`FinetuneConfig` fields)::
+
+    import wszoo
+
+    metrics = wszoo.finetune(wszoo.FinetuneConfig(
+        model="resnet_mini_gn_ws", dataset="fashion-mnist", data_dir="/usr/share/datasets/fashion-mnist",
+        limit_train=512, limit_val=256, epochs=1, output="runs/fm"))
+    model = wszoo.create_model("local-dir:runs/fm/best", pretrained=True)
+
+Detection: :func:`wszoo.detection.detect_train` with :class:`wszoo.detection.DetectTrainConfig`.
+"""
 from . import hub, layers, models, optim  # importing models registers every architecture
 from .checkpoint import CheckpointError, load_checkpoint
 from .deploy import ExportError, export
@@ -14,6 +26,7 @@ from .registry import (
     register_model,
 )
 from .speed import accumulate_ws, fold_ws, group_ws, is_grouped, tune_cpu_allocator
+from .training import FinetuneConfig, TrainConfig, TrainingDiverged, TrainingInterrupted, finetune
 
 __version__ = "0.1.0"
 
@@ -23,4 +36,5 @@ __all__ = [
     "register_model", "save_pretrained", "accumulate_ws", "fold_ws", "group_ws", "is_grouped", "tune_cpu_allocator",
     "convert_to_ws",
     "ConversionReport", "WSPolicy", "export", "ExportError",
+    "FinetuneConfig", "TrainConfig", "TrainingDiverged", "TrainingInterrupted", "finetune",
 ]
