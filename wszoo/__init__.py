@@ -26,9 +26,19 @@ from .registry import (
     register_model,
 )
 from .speed import accumulate_ws, fold_ws, group_ws, is_grouped, tune_cpu_allocator
-from .training import FinetuneConfig, TrainConfig, TrainingDiverged, TrainingInterrupted, finetune
 
 __version__ = "0.1.0"
+
+#: What ``wszoo.<name>`` finds in :mod:`wszoo.training`, imported on first use (it brings the data pipeline).
+_TRAINING = ("FinetuneConfig", "TrainConfig", "TrainingDiverged", "TrainingInterrupted", "finetune")
+
+
+def __getattr__(name: str):
+    if name in _TRAINING:
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'wszoo' has no attribute {name!r}")
 
 __all__ = [
     "CheckpointError", "PretrainedWeightsError", "UnknownModelError", "create_model", "get_pretrained_cfg", "hub",
