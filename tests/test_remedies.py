@@ -151,7 +151,7 @@ def test_detect_train_names_its_flags(shapes, caches, monkeypatch, tmp_path):
 
 
 def test_detect_eval_logs_the_trained_weights_not_a_random_start(shapes, tmp_path):
-    from wszoo.detection.engine import save_detector
+    from wszoo.detection import save_detector
 
     images, annotations = shapes
     args = {"kind": "fasterrcnn", "backbone": "nf_regnet_b0", "num_classes": 3,

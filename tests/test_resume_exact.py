@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import wszoo.detection.engine  # noqa: F401  (imported once here: the runs forked from this process start warm)
-import wszoo.train  # noqa: F401
+import wszoo.detection.training  # noqa: F401  (imported once here: the runs forked from this process start warm)
+import wszoo.training  # noqa: F401
 from tests.data_fixtures import make_coco_shapes, make_fashion_mnist
 from tests.helpers import interrupt_when_logged, run_cli
 

@@ -152,26 +152,22 @@ def test_accumulate_ws_applies_nothing_on_error_and_refuses_misuse():
 
 
 def test_finetune_accum_steps_uses_accumulate_ws(monkeypatch, tmp_path):
-    from wszoo import train
-    from wszoo.cli import build_parser
+    from wszoo.training import FinetuneConfig, engine, finetune
 
     from .data_fixtures import make_fashion_mnist
 
     data = make_fashion_mnist(tmp_path / "fm", n_train=6, n_test=4)
     entered = []
-    real = train.accumulate_ws
+    real = engine.accumulate_ws
 
     def spy(model):
         entered.append(model)
         return real(model)
 
-    monkeypatch.setattr(train, "accumulate_ws", spy)
-    args = build_parser().parse_args([
-        "finetune", "--model", "resnet_mini_gn_ws", "--dataset", "fashion-mnist", "--data-dir", str(data),
-        "--img-size", "16", "--epochs", "1", "-b", "1", "--accum-steps", "3", "--aug", "none",
-        "--output", str(tmp_path / "out"), "--log-interval", "0"])
-    args.checkpoint = None
-    train.finetune(args)
+    monkeypatch.setattr(engine, "accumulate_ws", spy)
+    finetune(FinetuneConfig(model="resnet_mini_gn_ws", dataset="fashion-mnist", data_dir=str(data), img_size=16,
+                            epochs=1, batch_size=1, accum_steps=3, aug="none", output=str(tmp_path / "out"),
+                            log_interval=0))
     assert len(entered) == 2, "6 images, micro-batches of 1, 3 per step: two accumulate_ws blocks"
 
 

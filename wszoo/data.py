@@ -17,6 +17,8 @@ from timm.data import create_transform, resolve_data_config
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 
+from .errors import Fix, UsageError
+
 __all__ = ["DataError", "FashionMNIST", "create_dataset", "class_count", "data_config_for", "build_transforms",
            "check_image_files", "fashion_mnist_check_image",
            "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES"]
@@ -61,7 +63,8 @@ def build_transforms(cfg: Dict[str, Any], aug: str) -> Tuple[Any, Any]:
     elif aug == "none":
         train_tf = eval_tf
     else:
-        raise ValueError(f"unknown --aug {aug!r}; choose timm, flip-crop or none")
+        raise UsageError(f"unknown augmentation {aug!r}: pass {{aug}}",
+                         Fix("aug", "'timm'", phrase="{}, flip-crop or none"))
     return train_tf, eval_tf
 
 
@@ -199,7 +202,7 @@ def create_dataset(name: str, root: Optional[str], split: str = "val", transform
     key = name.lower().replace("_", "-")
     if key == "imagefolder":
         if not root:
-            raise DataError("--data-dir is required for an imagefolder dataset")
+            raise UsageError("an imagefolder dataset needs its folder: pass {data_dir}", Fix("data_dir", None))
         ds = _image_folder(Path(root), split, transform, mode)
     elif key == "fashion-mnist":
         ds = FashionMNIST(root or FASHION_MNIST_DIR, split=split, transform=transform, mode=mode, limit=limit)

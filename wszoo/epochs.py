@@ -1,4 +1,4 @@
-"""What the training loops (``wszoo finetune``, ``wszoo detect train``) share about an epoch: the random
+"""What every training run (:mod:`wszoo.training.engine`) does at an epoch's start and end: the random
 seeds it starts from and the line it logs.
 
 Each epoch seeds torch (CPU and every CUDA device), Python's ``random``, NumPy and the DataLoader's
@@ -9,17 +9,17 @@ the main process (``--workers 0``); a ``DistributedSampler`` takes ``set_epoch``
 depends on nothing that happened before it in the process, and a run resumed from a committed epoch
 trains the next one exactly as the uninterrupted run did: restoring a saved generator state would only be
 overwritten by the next epoch's seeding, so the train state records the seed instead, and a resume with
-another one is refused (:func:`check_same_seed`).
+another one is refused (:mod:`wszoo.training.state`).
 """
 import hashlib
 import random
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-__all__ = ["seed_epoch", "check_same_seed", "epoch_summary"]
+__all__ = ["seed_epoch", "epoch_summary"]
 
 
 def _derived_seed(seed: int, rank: int, epoch: int, stream: str) -> int:
@@ -41,14 +41,6 @@ def seed_epoch(seed: int, rank: int, epoch: int, loader: DataLoader) -> None:
     loader.generator.manual_seed(_derived_seed(seed, rank, epoch, "loader"))
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(epoch)
-
-
-def check_same_seed(meta: Dict[str, Any], seed: int) -> Optional[str]:
-    """Why the run whose train state is ``meta`` cannot be resumed exactly with ``--seed seed``, or None.
-    (A train state without a seed, from an older wszoo, resumes as before: not exactly, but it resumes.)"""
-    if "seed" in meta and meta["seed"] != seed:
-        return f"that run used --seed {meta['seed']}; resume it with the same --seed"
-    return None
 
 
 def epoch_summary(metrics: Dict[str, Any]) -> str:

@@ -15,7 +15,8 @@ class Fix:
 
     Args:
         param: the Python parameter (the command line's flag is the one whose ``dest`` is this name).
-        value: its value as Python code: ``"False"``, ``"'<DIR>/model.safetensors'"``.
+        value: its value as Python code: ``"False"``, ``"'<DIR>/model.safetensors'"``; ``None`` names the
+            parameter alone (``lr``, ``--lr``: "resume it with the same lr").
         cli_value: the value as typed after the flag (``"FILE"``); default: ``value`` without quotes.
         phrase: the words around the argument, ``{}`` marking it; where a command has no such flag the whole
             phrase is left out, so a sentence never points to an option that is not there.
@@ -24,19 +25,21 @@ class Fix:
     """
 
     param: str
-    value: str
+    value: Optional[str]
     cli_value: Optional[str] = None
     phrase: str = "{}"
     call: Optional[str] = None
 
     def python(self) -> str:
-        arg = f"{self.param}={self.value}"
+        arg = self.param if self.value is None else f"{self.param}={self.value}"
         return f"{self.call}(..., {arg})" if self.call else arg
 
     def typed_value(self) -> str:
         """The value as a command line takes it."""
         if self.cli_value is not None:
             return self.cli_value
+        if self.value is None:
+            return ""
         try:
             literal = ast.literal_eval(self.value)
         except (ValueError, SyntaxError):

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from .errors import Fix, UsageError
+
 __all__ = ["evaluate", "autocast_context"]
 
 _logger = logging.getLogger("wszoo")
@@ -28,7 +30,8 @@ def autocast_context(amp: Optional[str], device: torch.device):
         return nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     if dtype is None:
-        raise ValueError(f"--amp takes bf16 or fp16, got {amp!r}")
+        raise UsageError(f"autocast takes bf16 or fp16, got {amp!r}: pass {{amp}}",
+                         Fix("amp", "'bf16'", phrase="{} or fp16"))
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 

@@ -172,15 +172,15 @@ def _dataset_name(kind: str, data_dir: Optional[str]) -> str:
     return "Fashion-MNIST" if key == "fashion-mnist" else kind
 
 
-def finetune_record(args: Any, train_set: Any, val_set: Any, epochs: int, val_top1: Optional[float],
+def finetune_record(config: Any, train_set: Any, val_set: Any, epochs: int, val_top1: Optional[float],
                     in_chans: int) -> TrainingRecord:
-    """The :class:`TrainingRecord` of a ``wszoo finetune`` run (``args``: its parsed flags) after ``epochs``
-    epochs; ``val_top1`` only for the model the run evaluated (the EMA copy when there is one)."""
-    name = _dataset_name(args.dataset, args.data_dir)
-    split = "val" if args.dataset.lower() == "imagefolder" else "test"
+    """The :class:`TrainingRecord` of a fine-tuning run (``config``: its :class:`wszoo.training.FinetuneConfig`)
+    after ``epochs`` epochs; ``val_top1`` only for the model the run evaluated (the EMA copy when there is one)."""
+    name = _dataset_name(config.dataset, config.data_dir)
+    split = "val" if config.dataset.lower() == "imagefolder" else "test"
     val = f"{name} {split} split ({len(val_set):,} images)" if val_set is not None else None
     return TrainingRecord(
         dataset=f"{name} ({len(train_set):,} training images)", epochs=epochs,
         val_top1=val_top1 if val is not None else None, val_dataset=val,
         label_names=list(getattr(train_set, "classes", None) or []) or None,
-        input_size=(in_chans, args.img_size, args.img_size) if args.img_size else None)
+        input_size=(in_chans, config.img_size, config.img_size) if config.img_size else None)

@@ -20,9 +20,10 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import read_safetensors
+from .errors import Fix, FixableError, UsageError
 
 __all__ = ["RunDirectory", "RUN_ITEMS", "deferred_interrupts", "check_output", "save_train_state",
-           "load_train_state", "TrainingInterrupted", "interruption"]
+           "load_train_state", "TrainingInterrupted", "TrainingDiverged", "interruption", "resume_fix"]
 
 #: What a run directory holds; nothing else in it is ever touched.
 RUN_ITEMS = ("last", "best", "ema", "train_state.json", "train_state.safetensors", "metrics.jsonl")
@@ -132,21 +133,27 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def resume_fix(run_dir: os.PathLike) -> Fix:
+    """The ``resume`` argument (``--resume DIR``) that continues the run in ``run_dir``."""
+    return Fix("resume", repr(str(run_dir)), cli_value=str(run_dir))
+
+
 def check_output(output: os.PathLike, resume: Optional[os.PathLike], overwrite: bool) -> RunDirectory:
-    """``--output`` may not silently replace a run: it must be new, the run being resumed, or ``--overwrite``
+    """``output`` may not silently replace a run: it must be new, the run being resumed, or ``overwrite``
     must say so. Its nearest existing folder must be writable (it is made on the first commit)."""
     out = RunDirectory(output)
+    output_fix = Fix("output", repr(str(out.path)), cli_value=str(out.path))
     if out.path.exists() and not out.path.is_dir():
-        raise ValueError(f"--output {out.path} is a file, not a directory")
+        raise UsageError("{output} is a file, not a directory", output_fix)
     resuming_here = resume is not None and Path(resume).resolve() == out.path.resolve()
     if out.holds_run() and not resuming_here and not overwrite:
         state = out.state() or {}
         done = f" (epochs 0..{state['epoch']} of {state.get('model', '?')})" if "epoch" in state else ""
-        raise ValueError(f"--output {out.path} already holds a training run{done}; pass --resume {out.path} to "
-                         "continue it, or --overwrite to replace it")
+        raise UsageError(f"{{output}} already holds a training run{done}; pass {{resume}} to continue it, or "
+                         "{overwrite} to replace it", output_fix, resume_fix(out.path), Fix("overwrite", "True"))
     existing = next(p for p in (out.path, *out.path.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise ValueError(f"--output {out.path}: {existing} is not a writable directory")
+        raise UsageError(f"{{output}}: {existing} is not a writable directory", output_fix)
     return out
 
 
@@ -177,7 +184,7 @@ def load_train_state(src: Path, optimizer: torch.optim.Optimizer, scheduler: Any
     run's meta and its other saved tensors (EMA weights ...). Errors name the file and what is wrong."""
     meta = RunDirectory(src).state()
     if meta is None:
-        raise ValueError(f"--resume {src}: no train_state.json there (not a wszoo training output?)")
+        raise UsageError("{resume}: no train_state.json there (not a wszoo training output?)", resume_fix(src))
     if check is not None:
         check(meta)
     tensors = read_safetensors(str(src / "train_state.safetensors"))
@@ -192,20 +199,25 @@ def load_train_state(src: Path, optimizer: torch.optim.Optimizer, scheduler: Any
     try:
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     except (ValueError, KeyError) as e:
-        raise ValueError(f"--resume {src}: the optimizer state does not fit this model and optimizer ({e})") from e
+        raise UsageError(f"{{resume}}: the optimizer state does not fit this model and optimizer ({e})",
+                         resume_fix(src)) from e
     scheduler.load_state_dict(meta["scheduler"])
     return meta, others
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterrupted(FixableError, RuntimeError):
     """Ctrl-C during training; the message says what was saved and how to resume."""
+
+
+class TrainingDiverged(FixableError, RuntimeError):
+    """The loss or the weights became NaN/Inf: the run stops, and the diverged epoch is not saved."""
 
 
 def interruption(epoch: int, resumable: Optional[Tuple[Path, int]]) -> TrainingInterrupted:
     """The error for Ctrl-C during ``epoch``: where the last complete epoch is (``(run_dir, last_epoch)``,
-    ``None`` when no epoch was ever complete) and the command that resumes from it."""
+    ``None`` when no epoch was ever complete) and the argument that resumes from it."""
     if resumable is None:
         return TrainingInterrupted(f"interrupted during epoch {epoch}; no epoch was complete, nothing is saved")
     where, done = resumable
     return TrainingInterrupted(f"interrupted during epoch {epoch}; {where} holds epochs 0..{done}: resume with the "
-                               f"same command and --resume {where}")
+                               "same command and {resume}", resume_fix(where))

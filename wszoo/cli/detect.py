@@ -1,9 +1,11 @@
-"""``wszoo detect train|eval``: the GN+WS detection recipe on COCO-format data."""
+"""``wszoo detect train|eval``: the GN+WS detection recipe on COCO-format data (:func:`wszoo.detection.detect_train`,
+configured by :class:`wszoo.detection.DetectTrainConfig`; :func:`wszoo.detection.detect_eval`)."""
 import argparse
 import json
 from typing import Any
 
 from .flags import (
+    config_from_args,
     count_arg,
     output_defaults_to_resume,
     ranged,
@@ -59,14 +61,14 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from ..detection.engine import detect_eval, detect_train, format_ap
+    from ..detection import DetectTrainConfig, detect_eval, detect_train, format_ap
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.action == "train":
         output_defaults_to_resume(args)
-        metrics = detect_train(args)
+        metrics = detect_train(config_from_args(DetectTrainConfig, args))
         if rank0():  # every rank returns the metrics; one copy of them on stdout
             print(json.dumps(metrics))
     else:
-        print(format_ap(detect_eval(args)))
+        print(format_ap(detect_eval(args.checkpoint, args.images, args.annotations, batch_size=args.batch_size)))
     return 0

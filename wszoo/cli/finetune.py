@@ -1,9 +1,11 @@
-"""``wszoo finetune``: fine-tune a model on an ImageFolder tree or Fashion-MNIST (:mod:`wszoo.train`)."""
+"""``wszoo finetune``: fine-tune a model on an ImageFolder tree or Fashion-MNIST
+(:func:`wszoo.training.finetune`, configured by :class:`wszoo.training.FinetuneConfig`)."""
 import argparse
 import json
 from typing import Any
 
 from .flags import (
+    config_from_args,
     count_arg,
     model_flags,
     output_defaults_to_resume,
@@ -56,11 +58,13 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from ..train import finetune
+    from ..training import FinetuneConfig, finetune
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     output_defaults_to_resume(args)
-    metrics = finetune(args)
+    config = config_from_args(FinetuneConfig, args, accumulate_ws=not args.no_accumulate_ws,
+                              tune_allocator=not args.no_tune_allocator)
+    metrics = finetune(config)
     if rank0():  # every rank returns the metrics; one copy of them on stdout
         print(json.dumps(metrics))
     return 0

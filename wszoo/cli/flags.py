@@ -4,13 +4,15 @@ import argparse
 import math
 import os
 import time
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Optional, Sequence, Type, TypeVar
 
 import torch
 
 __all__ = ["INTERPOLATIONS", "Range", "ranged", "count_arg", "model_flags", "count_params", "forward_report", "rank0",
-           "output_defaults_to_resume"]
+           "output_defaults_to_resume", "config_from_args"]
+
+_Config = TypeVar("_Config")
 
 #: timm's interpolation names (``timm.data.transforms.str_to_interp_mode``), 'random' aside (training only)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos")
@@ -105,3 +107,10 @@ def output_defaults_to_resume(args: argparse.Namespace) -> None:
             raise ValueError("--output DIR is required: where the run is written (or --resume DIR alone, to "
                              "continue the run in DIR)")
         args.output = args.resume
+
+
+def config_from_args(cls: Type[_Config], args: argparse.Namespace, **overrides: Any) -> _Config:
+    """The config dataclass ``cls`` from the parsed flags: each field from the flag of the same name (its
+    ``dest``), ``overrides`` for fields whose flag says it otherwise (``--no-accumulate-ws``)."""
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **overrides})

@@ -40,6 +40,8 @@ class _Parser(argparse.ArgumentParser):
         dest = _PARAM_DESTS.get(fix.param, fix.param)
         for action in (a for a in self._actions if a.dest == dest and a.option_strings):
             flag = max(action.option_strings, key=len)
+            if fix.value is None:  # the parameter named alone
+                return flag
             if action.nargs != 0:
                 return f"{flag} {fix.typed_value()}"
             if repr(action.const) == fix.value:  # a switch: the one that sets the value
@@ -100,14 +102,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         _report(f"{prefix}: interrupted")
         return 130
     except Exception as e:  # sorted below: our errors and the environment's are one line, the rest re-raised
-        from ..detection.engine import DetectionDiverged
-        from ..train import TrainingDiverged, TrainingInterrupted
+        from ..run_dir import TrainingDiverged, TrainingInterrupted
 
         if isinstance(e, TrainingInterrupted):
-            _report(f"{prefix}: {e}")
+            _report(f"{prefix}: {_one_line(e, parser.command_parser(args))}")
             return 130
-        if isinstance(e, (TrainingDiverged, DetectionDiverged)):
-            _report(f"{prefix}: error: {e}")
+        if isinstance(e, TrainingDiverged):
+            _report(f"{prefix}: error: {_one_line(e, parser.command_parser(args))}")
             return 1
         if isinstance(e, (ValueError, OSError, NotImplementedError, PretrainedWeightsError)):
             _report(f"{prefix}: error: {_one_line(e, parser.command_parser(args))}")
