@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import wszoo
-from wszoo.bench import format_report, run_benchmarks, write_report
+from wszoo.tools.bench import format_report, run_benchmarks, write_report
 
 FAMILIES = ["resnet50_gn_ws", "resnetv2_50x1_bit", "nf_resnet50", "dm_nfnet_f0"]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import wszoo
-from wszoo.bench import time_interleaved, train_step_fn
+from wszoo.tools.bench import time_interleaved, train_step_fn
 
 
 def step_fn(model, images, targets):

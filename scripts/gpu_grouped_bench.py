@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 import wszoo
-from wszoo.bench import count_dispatches, time_interleaved, train_step_fn
 from wszoo.layers.grouped import standardize_layers
 from wszoo.speed import ws_layers
+from wszoo.tools.bench import count_dispatches, time_interleaved, train_step_fn
 
 
 def _sgd(model):

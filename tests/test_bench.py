@@ -2,8 +2,8 @@
 import json
 import math
 
-from wszoo.bench import benchmark_model, format_report, run_benchmarks
 from wszoo.cli import main
+from wszoo.tools.bench import benchmark_model, format_report, run_benchmarks
 
 TINY = dict(img_size=16, eval_batch=2, train_batch=2, accum_steps=2, repeats=1, eval_repeats=1, warmup=0)
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 import wszoo
-from wszoo.card import params_and_gmacs, render_model_card
+from wszoo.tools.card import params_and_gmacs, render_model_card
 
 CARD = Path(__file__).resolve().parents[1] / "MODEL_CARD.md"
 

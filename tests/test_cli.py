@@ -52,7 +52,7 @@ def test_demo_runs_every_family(capsys):
     assert main(["demo", "--img-size", "32"]) == 0
     out = capsys.readouterr().out
     assert "59 registered models" in out
-    assert "resnet_gn_ws: resnext50_32x4d_gn_ws" in out and "resnetv2_bit: resnetv2_50x1_bit" in out
+    assert "resnet_gn_ws: resnet18_gn_ws" in out and "resnetv2_bit: resnetv2_50x1_bit" in out
     assert "nfnet: nf_regnet_b0" in out and "resnet_mini: resnet_mini_bn" in out
     assert "vit_hybrid: vit_tiny_r_s16_p8_224 (6.3M params) input [1, 3, 224, 224]" in out  # its fixed grid
 

@@ -106,14 +106,14 @@ def test_results_file_in_a_missing_directory_fails_before_the_evaluation(data, t
 
 def test_results_are_printed_and_written_as_valid_json(data, tmp_path, monkeypatch):
     """A NaN loss (fp16 overflow can give one) becomes null, so the file stays valid JSON."""
-    import wszoo.evaluate
+    import wszoo.training.evaluate
 
-    real = wszoo.evaluate.evaluate
+    real = wszoo.training.evaluate.evaluate
 
     def nan_loss(*args, **kwargs):
         return {**real(*args, **kwargs), "loss": float("nan")}
 
-    monkeypatch.setattr(wszoo.evaluate, "evaluate", nan_loss)  # the forked command sees the patch
+    monkeypatch.setattr(wszoo.training.evaluate, "evaluate", nan_loss)  # the forked command sees the patch
     out = tmp_path / "r.json"
     rc, stdout, err = run_cli(["eval", "--model", "resnet_mini_gn_ws.fmnist", "--pretrained", "--dataset",
                                "fashion-mnist", "--data-dir", str(data["fm"]), "--split", "test", "--results-file",

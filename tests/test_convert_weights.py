@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 import wszoo
 from tests.helpers import randomize_
 from wszoo.checkpoint import CheckpointError
-from wszoo.convert_weights import convert_deepmind_nfnet, read_haiku_params
 from wszoo.models.nfnet import MODEL_CFGS, NormFreeNet, haiku_params_to_state_dict
+from wszoo.tools.convert_weights import convert_deepmind_nfnet, read_haiku_params
 
 TINY_DM_ARGS = dict(depths=(1, 2, 1, 1), channels=(32, 64, 96, 128), stem_chs=32, group_size=16)
 TINY_DM = replace(MODEL_CFGS["dm_nfnet_f0"], **TINY_DM_ARGS)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from tests.data_fixtures import make_fashion_mnist, make_image_folder, write_idx
-from wszoo.data import DataError, FashionMNIST, create_dataset
+from wszoo.training.data import DataError, FashionMNIST, create_dataset
 
 
 def test_fashion_mnist_reader(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import wszoo
-from wszoo.data import FASHION_MNIST_DIR
+from wszoo.training.data import FASHION_MNIST_DIR
 
 WEIGHTS = Path(wszoo.__file__).parent / "weights" / "resnet_mini_gn_ws.fmnist"
 README = Path(__file__).resolve().parents[1] / "README.md"

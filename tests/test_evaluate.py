@@ -15,7 +15,7 @@ import wszoo
 from tests.data_fixtures import make_image_folder
 from tests.helpers import child_log
 from wszoo.cli import main
-from wszoo.data import data_config_for
+from wszoo.training.data import data_config_for
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ import torch
 
 import wszoo
 from tests.helpers import randomize_, run_cli, tree_snapshot
-from wszoo.deploy import ExportError, export, inference_problems, onnx_metadata
 from wszoo.detection import build_detector, build_segmenter
+from wszoo.tools.deploy import ExportError, export, inference_problems, onnx_metadata
 
 TINY_DM = dict(depths=(1, 1, 1, 1), channels=(32, 64, 96, 128), stem_chs=32, group_size=16)
 
@@ -59,13 +59,13 @@ def test_onnx_export_runs_in_onnxruntime_and_is_inference_clean(name, tmp_path):
     model = model_of(name).eval()
     size = 28 if "mini" in name else 64
     dynamic_size = not name.startswith(FIXED_SIZE)
-    real = wszoo.data.fashion_mnist_check_image(model)
+    real = wszoo.training.data.fashion_mnist_check_image(model)
     report = export(model, tmp_path / "m.onnx", img_size=[size], dynamic_batch=True, dynamic_size=dynamic_size,
                     check_image=real)
     assert report.max_rel_diff <= 1e-4 and report.opset == 21
     assert {"random_batch1", "random_batch3"} <= set(report.checks)
-    assert (real is not None) == ("mini" in name and wszoo.data.Path(
-        wszoo.data.FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").is_file())
+    assert (real is not None) == ("mini" in name and wszoo.training.data.Path(
+        wszoo.training.data.FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").is_file())
     assert ("real_image" in report.checks) == (real is not None)
     # ONNX Runtime on the file, independently of the export's own check, at batches 1 and 3 (and another size)
     for shape in [(1, size, size), (3, size, size)] + ([(2, size + 32, size)] if dynamic_size else []):

@@ -9,9 +9,9 @@ import torch.nn as nn
 import torchvision
 
 import wszoo
-from wszoo.bench import count_dispatches, train_step_fn
 from wszoo.layers import standardize_weight
 from wszoo.speed import ws_layers
+from wszoo.tools.bench import count_dispatches, train_step_fn
 
 # one model per WS formula: qiao, bcn, timm (BiT, eps 1e-8), timm_scaled with gains (NF), deepmind (DM NFNet),
 # cwn; grouped convolutions (ResNeXt)

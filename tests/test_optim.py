@@ -127,7 +127,7 @@ def test_all_at_once_equals_the_per_parameter_definition(name, eps, dtype, conca
 def test_all_at_once_dispatches_a_few_operators(name):
     """One AGC call (nfnet_f0: 221 parameters): the per-parameter loop dispatched 3,052 operators (nf_resnet50:
     2,212); each is a kernel launch on a GPU."""
-    from wszoo.bench import count_dispatches
+    from wszoo.tools.bench import count_dispatches
 
     model = wszoo.create_model(name, num_classes=5)
     params = _hard_case_grads(model, torch.float32)

@@ -5,7 +5,7 @@ import signal
 import pytest
 
 from tests.helpers import tree_snapshot
-from wszoo.run_dir import RunDirectory, deferred_interrupts
+from wszoo.training.run_dir import RunDirectory, deferred_interrupts
 
 
 def epoch_writer(epoch, with_ema=True, fail_after=None):

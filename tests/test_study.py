@@ -3,7 +3,7 @@ import json
 
 from tests.data_fixtures import make_fashion_mnist
 from wszoo.cli import main
-from wszoo.study import format_table, microbatch_study
+from wszoo.training.study import format_table, microbatch_study
 
 
 def test_study_runs_and_reports(tmp_path, capsys):

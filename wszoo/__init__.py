@@ -13,7 +13,6 @@ Detection: :func:`wszoo.detection.detect_train` with :class:`wszoo.detection.Det
 """
 from . import hub, layers, models, optim  # importing models registers every architecture
 from .checkpoint import CheckpointError, load_checkpoint
-from .deploy import ExportError, export
 from .factory import create_model
 from .hub import PretrainedWeightsError, push_to_hub, save_pretrained
 from .layers.retrofit import ConversionReport, WSPolicy, convert_to_ws
@@ -26,6 +25,7 @@ from .registry import (
     register_model,
 )
 from .speed import accumulate_ws, fold_ws, group_ws, is_grouped, tune_cpu_allocator
+from .tools.deploy import ExportError, export
 
 __version__ = "0.1.0"
 

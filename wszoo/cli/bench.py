@@ -2,16 +2,14 @@
 import argparse
 from typing import Any
 
-from .flags import (
-    count_arg,
-)
+from .flags import count_arg
 
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: Any) -> None:
     """The command's sub-parser, run by :func:`run`."""
-    from ..bench import DEFAULT_MODELS
+    from ..tools.bench import DEFAULT_MODELS
 
     p = sub.add_parser("bench", help="what WS costs, as ratios: eval (cached vs folded vs timm), train step, "
                                      "micro-batch accumulation, memory")
@@ -38,8 +36,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Time the models (or ``--detector``), print the ratios, write the full report."""
-    from ..bench import format_report, run_benchmarks, write_report
     from ..files import check_writable_parent
+    from ..tools.bench import format_report, run_benchmarks, write_report
 
     if args.output:
         check_writable_parent(args.output, "--output")

@@ -16,8 +16,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..card import render_model_card
     from ..files import atomic_write_text
+    from ..tools.card import render_model_card
 
     text = render_model_card()
     path = Path(args.output)

@@ -2,11 +2,7 @@
 import argparse
 from typing import Any
 
-from .flags import (
-    count_arg,
-    count_params,
-    ranged,
-)
+from .flags import count_arg, count_params, ranged
 
 __all__ = ["add_parser", "run"]
 
@@ -31,7 +27,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..convert_weights import convert_deepmind_nfnet, convert_torch_checkpoint
+    from ..tools.convert_weights import convert_deepmind_nfnet, convert_torch_checkpoint
 
     overrides = {}
     if args.ws_style:

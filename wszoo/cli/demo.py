@@ -6,11 +6,7 @@ import torch
 
 from .. import registry
 from ..factory import create_model
-from .flags import (
-    count_arg,
-    count_params,
-    forward_report,
-)
+from .flags import count_arg, count_params, forward_report
 
 __all__ = ["add_parser", "run"]
 
@@ -24,7 +20,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """List the registry, then build the smallest model of each family and run it on a random image."""
-    from ..card import param_count
+    from ..tools.card import param_count
 
     names = registry.list_models()
     print(f"{len(names)} registered models:")

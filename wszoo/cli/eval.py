@@ -6,12 +6,7 @@ import sys
 from typing import Any
 
 from ..factory import create_model
-from .flags import (
-    INTERPOLATIONS,
-    count_params,
-    model_flags,
-    ranged,
-)
+from .flags import INTERPOLATIONS, count_params, model_flags, ranged
 
 __all__ = ["add_parser", "run"]
 
@@ -60,10 +55,10 @@ def run(args: argparse.Namespace) -> int:
 
     from timm.data import create_transform
 
-    from ..data import class_count, create_dataset, data_config_for
-    from ..distributed import init_distributed, is_main_process
-    from ..evaluate import evaluate
     from ..files import atomic_write_text, check_writable_parent
+    from ..training.data import class_count, create_dataset, data_config_for
+    from ..training.distributed import init_distributed, is_main_process
+    from ..training.evaluate import evaluate
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.results_file:  # before any work: a typo in the path must not cost an evaluation

@@ -5,10 +5,7 @@ from typing import Any
 import torch
 
 from ..factory import create_model
-from .flags import (
-    count_arg,
-    ranged,
-)
+from .flags import count_arg, ranged
 
 __all__ = ["add_parser", "run"]
 
@@ -57,8 +54,8 @@ def _model_for_export(args: argparse.Namespace) -> torch.nn.Module:
 
 def run(args: argparse.Namespace) -> int:
     """Export and verify (also on a real Fashion-MNIST test image, for the models that take them)."""
-    from ..data import fashion_mnist_check_image
-    from ..deploy import export
+    from ..tools.deploy import export
+    from ..training.data import fashion_mnist_check_image
 
     model = _model_for_export(args)
     report = export(model, args.output, format=args.format, img_size=args.img_size, batch_size=args.batch_size,

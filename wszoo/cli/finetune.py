@@ -4,14 +4,7 @@ import argparse
 import json
 from typing import Any
 
-from .flags import (
-    config_from_args,
-    count_arg,
-    model_flags,
-    output_defaults_to_resume,
-    ranged,
-    rank0,
-)
+from .flags import config_from_args, count_arg, model_flags, output_defaults_to_resume, ranged, rank0
 
 __all__ = ["add_parser", "run"]
 

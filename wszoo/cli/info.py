@@ -5,11 +5,7 @@ from typing import Any
 
 from .. import registry
 from ..factory import create_model
-from .flags import (
-    count_arg,
-    count_params,
-    forward_report,
-)
+from .flags import count_arg, count_params, forward_report
 
 __all__ = ["add_parser", "run"]
 

@@ -9,9 +9,9 @@ import argparse
 import sys
 from typing import List, Optional
 
-from ..distributed import leave_process_group
 from ..errors import Fix, FixableError
 from ..hub import PretrainedWeightsError
+from ..training.distributed import leave_process_group
 from . import bench, card, convert, demo, detect, export, finetune, info, study
 from . import eval as eval_command
 from . import list as list_command
@@ -102,7 +102,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         _report(f"{prefix}: interrupted")
         return 130
     except Exception as e:  # sorted below: our errors and the environment's are one line, the rest re-raised
-        from ..run_dir import TrainingDiverged, TrainingInterrupted
+        from ..training.run_dir import TrainingDiverged, TrainingInterrupted
 
         if isinstance(e, TrainingInterrupted):
             _report(f"{prefix}: {_one_line(e, parser.command_parser(args))}")

@@ -2,10 +2,7 @@
 import argparse
 from typing import Any
 
-from .flags import (
-    count_arg,
-    ranged,
-)
+from .flags import count_arg, ranged
 
 __all__ = ["add_parser", "run"]
 
@@ -30,7 +27,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..study import NORMS, format_table, microbatch_study
+    from ..training.study import NORMS, format_table, microbatch_study
 
     study = microbatch_study(
         data_dir=args.data_dir, batch_sizes=args.batch_sizes, norms=args.norms or tuple(NORMS),

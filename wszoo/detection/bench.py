@@ -6,9 +6,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 from .. import registry
-from ..bench import prepare_run
 from ..speed import fold_ws, group_ws
-from ..timing import ratio, saved_bytes, time_interleaved, timing_entry
+from ..tools.bench import prepare_run
+from ..tools.timing import ratio, saved_bytes, time_interleaved, timing_entry
 from .detectors import build_detector
 
 __all__ = ["detection_batch", "benchmark_detector", "run_detector_benchmark"]
@@ -83,7 +83,7 @@ def benchmark_detector(kind: str = "maskrcnn", backbone: str = "resnet50_gn_ws",
 def run_detector_benchmark(kind: str = "maskrcnn", backbone: str = "resnet50_gn_ws", tune_allocator: bool = True,
                            threads: Optional[int] = None, img_size: Optional[int] = None, train_batch: int = 2,
                            repeats: int = 3, warmup: int = 1, device: str = "cpu") -> Dict[str, Any]:
-    """:func:`benchmark_detector` in a report describing the machine (as :func:`wszoo.bench.run_benchmarks`)."""
+    """:func:`benchmark_detector` in a report describing the machine (as :func:`wszoo.tools.bench.run_benchmarks`)."""
     registry.get_pretrained_cfg(backbone)  # fail fast on an unknown name, before any timing
     report = prepare_run(device, tune_allocator, threads)
     report["results"].append(benchmark_detector(kind, backbone, img_size=img_size or 320, batch=train_batch,

@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import to_tensor
 
-from ..data import DataError
+from ..training.data import DataError
 
 __all__ = ["CocoDetection", "collate", "coco_evaluate", "require_pycocotools"]
 

@@ -19,11 +19,11 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..distributed import is_main_process
 from ..errors import Fix, UsageError
-from ..run_dir import TrainingDiverged
 from ..training.config import TrainConfig
+from ..training.distributed import is_main_process
 from ..training.engine import Task, train
+from ..training.run_dir import TrainingDiverged
 from .coco import CocoDetection, coco_evaluate, collate
 from .detectors import build_detector
 from .saved import save_detector

@@ -399,7 +399,7 @@ def _to_torch(array: np.ndarray, param: str, conv: bool) -> torch.Tensor:
 
 def haiku_params_to_state_dict(params: Mapping[str, np.ndarray], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Map DeepMind's Haiku NFNet parameters (``{"<module>/<param>": array}``, see
-    :func:`wszoo.convert_weights.read_haiku_params`) onto ``model``'s keys (a ``dm_nfnet_*``), checking every
+    :func:`wszoo.tools.convert_weights.read_haiku_params`) onto ``model``'s keys (a ``dm_nfnet_*``), checking every
     key and shape. HWIO kernels become OIHW, ``(in, out)`` linears ``(out, in)``, gains ``(out, 1, 1, 1)``."""
     block_names = [f"stages.{s}.{b}" for s, stage in enumerate(model.stages) for b in range(len(stage))]
     expected = model.state_dict()

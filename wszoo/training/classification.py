@@ -22,15 +22,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import DataError, build_transforms, class_count, create_dataset, data_config_for
 from ..errors import Fix, UsageError
-from ..evaluate import evaluate
 from ..factory import create_model
 from ..features import freeze_stages
 from ..hub import save_pretrained
 from ..provenance import finetune_record
 from .config import TrainConfig
+from .data import DataError, build_transforms, class_count, create_dataset, data_config_for
 from .engine import Task, train
+from .evaluate import evaluate
 
 __all__ = ["FinetuneConfig", "ClassificationTask", "finetune"]
 
@@ -148,7 +148,7 @@ class ClassificationTask(Task):
         return F.cross_entropy(model(images), targets), len(targets)
 
     def validate(self, model: nn.Module, device: torch.device) -> Dict[str, Any]:
-        """Top-1/top-5/loss on the val set (on every rank: :func:`wszoo.evaluate.evaluate` shards it)."""
+        """Top-1/top-5/loss on the val set (on every rank: :func:`wszoo.training.evaluate.evaluate` shards it)."""
         if self.val_set is None:
             return {}
         config = self.config

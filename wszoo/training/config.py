@@ -14,7 +14,7 @@ class TrainConfig:
 
     Attributes:
         output: the run directory: ``last/``, ``best/`` (``ema/``), ``metrics.jsonl`` and the train state,
-            each epoch committed as one unit (:mod:`wszoo.run_dir`).
+            each epoch committed as one unit (:mod:`wszoo.training.run_dir`).
         resume: a previous run directory to continue from (usually ``output`` itself).
         overwrite: replace a run already in ``output`` (by default it is refused).
         epochs: epochs in all, counting those of the run being resumed.
@@ -32,7 +32,7 @@ class TrainConfig:
         clip_grad: the AGC clip factor, or the maximum gradient norm.
         ema_decay: decay of an EMA copy of the weights (validated and saved as ``best/``, ``ema/``); 0: none.
         amp: ``"bf16"`` or ``"fp16"`` autocast (fp16 with a gradient scaler); ``None``: full precision.
-        seed: seeds the initialisation and, with the rank and the epoch, every epoch (:mod:`wszoo.epochs`).
+        seed: seeds the initialisation and, with the rank and the epoch, every epoch (:mod:`wszoo.training.epochs`).
         workers: DataLoader worker processes.
         log_interval: log the running loss every this many micro-batches; 0: once per epoch.
         tune_allocator: on CPU, raise glibc's malloc thresholds (:func:`wszoo.tune_cpu_allocator`).

@@ -14,84 +14,28 @@ import random
 import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
-from ..distributed import all_reduce_gradients, init_distributed, is_main_process
-from ..epochs import epoch_summary, seed_epoch
 from ..errors import Fix, UsageError
-from ..evaluate import autocast_context
 from ..optim import adaptive_clip_grad, agc_parameters
-from ..run_dir import TrainingDiverged, TrainingInterrupted, check_output, interruption
 from ..speed import accumulate_ws, tune_cpu_allocator, ws_layers
 from .config import TrainConfig
+from .distributed import all_reduce_gradients, init_distributed, is_main_process
+from .epochs import epoch_summary, seed_epoch
+from .evaluate import autocast_context
+from .run_dir import TrainingDiverged, TrainingInterrupted, check_output, interruption
 from .state import Run, commit_epoch, resume
+from .task import Task
 
 __all__ = ["Task", "train", "warmup_cosine", "TrainingDiverged", "TrainingInterrupted"]
 
 _logger = logging.getLogger("wszoo")
-
-
-class Task:
-    """What one kind of training is; :func:`train` runs its epochs. Subclasses set the attributes below and
-    implement the methods that raise ``NotImplementedError``."""
-
-    #: the train state's key for the best score so far (kept per task: older run directories name it so)
-    best_key = "best_score"
-    #: the learning-rate factor at the first warmup step, rising linearly to 1; ``None``: ``1 / warmup``,
-    #: reaching 1 on the last warmup step
-    warmup_start: Optional[float] = None
-    #: how a list of samples becomes a batch (``None``: PyTorch's default)
-    collate_fn: Optional[Callable] = None
-
-    def build(self) -> Tuple[nn.Module, Dataset]:
-        """The model (on the CPU, seeded by the run's seed) and the training set."""
-        raise NotImplementedError
-
-    def identity(self) -> Dict[str, Any]:
-        """What the run trains (the architecture, its classes): saved with each epoch; ``identity()["model"]``
-        names it in messages."""
-        raise NotImplementedError
-
-    def check_same_run(self, saved: Dict[str, Any], resume_fix: Fix) -> None:
-        """Refuse (a :class:`wszoo.errors.UsageError`) to resume a run whose ``saved`` identity differs."""
-        raise NotImplementedError
-
-    def param_groups(self, model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-        """The optimizer's parameter groups; by default every trainable parameter, with weight decay."""
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
-
-    def to_device(self, batch: Any, device: torch.device) -> Any:
-        """A batch from the loader, on ``device``."""
-        raise NotImplementedError
-
-    def loss(self, model: nn.Module, batch: Any) -> Tuple[torch.Tensor, int]:
-        """The batch's mean loss (``model`` may be the DDP wrapper) and how many samples it averages."""
-        raise NotImplementedError
-
-    def validate(self, model: nn.Module, device: torch.device) -> Dict[str, Any]:
-        """Metrics of ``model`` (the EMA copy when there is one) on the validation set; ``{}`` without one.
-        Called on every rank."""
-        return {}
-
-    def score(self, metrics: Dict[str, Any]) -> float:
-        """Higher is better: the epoch with the highest is saved as ``best/``."""
-        return -metrics["train_loss"]
-
-    def save_model(self, model: nn.Module, directory: Path, measured: Optional[Dict[str, Any]],
-                   epochs_done: int) -> None:
-        """Write ``model`` to ``directory``; ``measured`` is the epoch's metrics when they were measured on this
-        model (``None`` for the raw weights when an EMA copy was the one validated)."""
-        raise NotImplementedError
-
-    def describe(self, loader: DataLoader, world: int) -> Optional[str]:
-        """A line logged when the training starts, or ``None``."""
-        return None
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0,

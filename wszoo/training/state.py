@@ -1,10 +1,10 @@
 """What a run keeps between epochs and across a resume: each epoch committed as one unit (the models, the
-metrics so far, the optimizer, schedule, gradient scaler and EMA state: :mod:`wszoo.run_dir`), and resuming
+metrics so far, the optimizer, schedule, gradient scaler and EMA state: :mod:`wszoo.training.run_dir`), and resuming
 from the last committed epoch after checking that the run being continued is this one."""
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -12,13 +12,11 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from ..checkpoint import load_checkpoint, non_finite_tensors
-from ..distributed import is_main_process
 from ..errors import Fix, UsageError
-from ..run_dir import RunDirectory, TrainingDiverged, load_train_state, resume_fix, save_train_state
 from .config import TrainConfig
-
-if TYPE_CHECKING:
-    from .engine import Task
+from .distributed import is_main_process
+from .run_dir import RunDirectory, TrainingDiverged, load_train_state, resume_fix, save_train_state
+from .task import Task
 
 __all__ = ["Run", "resume", "commit_epoch", "WEIGHTS"]
 
@@ -30,7 +28,7 @@ WEIGHTS = "model.safetensors"
 class Run:
     """Everything the epochs of one training run share."""
 
-    task: "Task"
+    task: Task
     config: TrainConfig
     model: nn.Module
     train_model: nn.Module  # the model, or its DDP wrapper
@@ -55,7 +53,7 @@ def _train_state_meta(run: Run, epoch: int, best: float) -> Dict[str, Any]:
 
 def _check_resumable(meta: Dict[str, Any], run: Run, src: Path) -> None:
     """The run being resumed must be this one: the same task identity, optimizer, lr (the restored optimizer and
-    schedule would silently keep the old one), EMA and seed (resume is exact: :mod:`wszoo.epochs`), and epochs
+    schedule would silently keep the old one), EMA and seed (resume is exact: :mod:`wszoo.training.epochs`), and epochs
     left to train."""
     config, where = run.config, resume_fix(src)
     run.task.check_same_run(meta, where)
@@ -104,7 +102,7 @@ def resume(run: Run, src: Path) -> Tuple[int, float, List[str]]:
 
 def commit_epoch(run: Run, out: RunDirectory, epoch: int, metrics: Dict[str, Any], best: float, history: List[str],
                  replace_all: bool) -> float:
-    """Commit the epoch as one unit (see :mod:`wszoo.run_dir`): metrics.jsonl, last/ (and ema/), best/ when the
+    """Commit the epoch as one unit (see :mod:`wszoo.training.run_dir`): metrics.jsonl, last/ (and ema/), best/ when the
     task's score improved, the train state. Returns the best score."""
     bad = non_finite_tensors(run.model.state_dict())
     if bad:

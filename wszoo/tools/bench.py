@@ -34,12 +34,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import registry
-from .factory import create_model
-from .files import atomic_write_text
-from .layers.grouped import standardize_layers
-from .optim import adaptive_clip_grad, agc_parameters
-from .speed import accumulate_ws, fold_ws, group_ws, tune_cpu_allocator, ws_layers
+from .. import registry
+from ..factory import create_model
+from ..files import atomic_write_text
+from ..layers.grouped import standardize_layers
+from ..optim import adaptive_clip_grad, agc_parameters
+from ..speed import accumulate_ws, fold_ws, group_ws, tune_cpu_allocator, ws_layers
 from .timing import count_dispatches, ratio, saved_bytes, time_interleaved, timing_entry, train_step_fn
 
 __all__ = ["benchmark_model", "run_benchmarks", "format_report", "write_report",

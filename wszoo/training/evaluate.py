@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from .errors import Fix, UsageError
+from ..errors import Fix, UsageError
 
 __all__ = ["evaluate", "autocast_context"]
 

@@ -17,7 +17,7 @@ from timm.data import create_transform, resolve_data_config
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 
-from .errors import Fix, UsageError
+from ..errors import Fix, UsageError
 
 __all__ = ["DataError", "FashionMNIST", "create_dataset", "class_count", "data_config_for", "build_transforms",
            "check_image_files", "fashion_mnist_check_image",

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from . import registry
+from .. import registry
+from ..factory import create_model
 from .data import FASHION_MNIST_DIR, FashionMNIST
 from .evaluate import evaluate
-from .factory import create_model
 
 __all__ = ["NORMS", "microbatch_study", "format_table"]
 

@@ -29,10 +29,10 @@ import torch
 import torch.nn as nn
 from timm.layers import Conv2dSame
 
-from .detection.export_checks import detection_output_diff, is_detector
-from .files import check_writable_parent
+from ..detection.export_checks import detection_output_diff, is_detector
+from ..files import check_writable_parent
+from ..speed import fold_ws
 from .onnx_checks import inference_problems, onnx_metadata
-from .speed import fold_ws
 
 __all__ = ["export", "ExportError", "ExportReport", "FORMATS", "DTYPES", "DEFAULT_OPSET", "inference_problems",
            "require_onnxruntime", "onnx_metadata"]
@@ -320,8 +320,8 @@ def export(
         tolerance: largest relative difference to PyTorch accepted (default 1e-4 fp32, 1e-2 fp16, 5e-2 bf16).
         force: replace an existing output.
         check_image: a real, preprocessed image ``(C, H, W)`` the artifact must also reproduce (random inputs
-            can miss what real ones exercise), e.g. :func:`wszoo.data.fashion_mnist_check_image`; used where the
-            exported input size (or a dynamic one) allows it.
+            can miss what real ones exercise), e.g. :func:`wszoo.training.data.fashion_mnist_check_image`; used
+            where the exported input size (or a dynamic one) allows it.
 
     Returns:
         An :class:`ExportReport`. Raises :class:`ExportError` (and leaves nothing at ``path``) when the

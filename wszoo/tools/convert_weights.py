@@ -29,15 +29,15 @@ import numpy as np
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, check_state_dict, non_finite_tensors, read_torch_checkpoint
-from .errors import Fix, UsageError
-from .factory import create_model
-from .files import atomic_path, check_writable_parent
-from .hub import CONFIG_NAME, PretrainedWeightsError, is_saved_model_dir, read_saved_config, save_pretrained
-from .models.nfnet import haiku_params_to_state_dict
-from .provenance import METADATA_KEY, published_weights, record_weights, saved_weights
-from .registry import split_model_name
-from .saved_config import saved_model_args
+from ..checkpoint import CheckpointError, check_state_dict, non_finite_tensors, read_torch_checkpoint
+from ..errors import Fix, UsageError
+from ..factory import create_model
+from ..files import atomic_path, check_writable_parent
+from ..hub import CONFIG_NAME, PretrainedWeightsError, is_saved_model_dir, read_saved_config, save_pretrained
+from ..models.nfnet import haiku_params_to_state_dict
+from ..provenance import METADATA_KEY, published_weights, record_weights, saved_weights
+from ..registry import split_model_name
+from ..saved_config import saved_model_args
 
 __all__ = ["read_haiku_params", "convert_deepmind_nfnet", "convert_torch_checkpoint", "save_converted", "check_output"]
 

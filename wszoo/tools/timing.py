@@ -1,6 +1,6 @@
 """Timing and counting what a step costs: variants timed interleaved (best of the repeats, medians kept),
 ratios, the bytes autograd saves for backward, and the operators a step dispatches. Shared by
-:mod:`wszoo.bench`, :mod:`wszoo.detection.bench` and the GPU scripts."""
+:mod:`wszoo.tools.bench`, :mod:`wszoo.detection.bench` and the GPU scripts."""
 import contextlib
 import os
 import statistics
@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .speed import ws_layers
+from ..speed import ws_layers
 
 __all__ = ["time_interleaved", "timing_entry", "ratio", "saved_bytes", "train_step_fn", "count_dispatches"]
 

@@ -9,8 +9,8 @@ from typing import Dict, List, Tuple
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import registry
-from .factory import create_model
+from .. import registry
+from ..factory import create_model
 
 __all__ = ["render_model_card", "params_and_gmacs", "param_count"]
 

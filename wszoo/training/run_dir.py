@@ -19,8 +19,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import read_safetensors
-from .errors import Fix, FixableError, UsageError
+from ..checkpoint import read_safetensors
+from ..errors import Fix, FixableError, UsageError
 
 __all__ = ["RunDirectory", "RUN_ITEMS", "deferred_interrupts", "check_output", "save_train_state",
            "load_train_state", "TrainingInterrupted", "TrainingDiverged", "interruption", "resume_fix"]
