@@ -1,5 +1,6 @@
 """``wszoo detect train`` / ``wszoo detect eval`` end to end, as a detection user runs them: a COCO-format
-set of shapes the test writes, COCO AP from pycocotools (not ours), resume, masks, torchrun."""
+set of shapes the test writes, COCO AP from pycocotools (not ours), resume, masks, torchrun. (The Ctrl-C test
+runs in make test-slow: tests/test_resume_exact.py interrupts and resumes detect train in make test.)"""
 import json
 import os
 import subprocess
@@ -27,6 +28,13 @@ def shapes(tmp_path_factory):
     """32 training images and 16 validation images (another seed) of squares and plus signs."""
     root = tmp_path_factory.mktemp("coco")
     return make_coco_shapes(root / "train", n_images=32, seed=0), make_coco_shapes(root / "val", n_images=16, seed=1)
+
+
+@pytest.fixture(scope="module")
+def few_shapes(tmp_path_factory):
+    """8 training and 4 validation images: enough for a run to produce every metric, not to learn."""
+    root = tmp_path_factory.mktemp("coco_few")
+    return make_coco_shapes(root / "train", n_images=8, seed=0), make_coco_shapes(root / "val", n_images=4, seed=1)
 
 
 def _train_args(shapes, out, *extra):
@@ -110,9 +118,9 @@ def test_bad_data_is_a_one_line_error(shapes, tmp_path):
     assert not out.exists()
 
 
-def test_mask_rcnn_reports_mask_ap(shapes, tmp_path):
+def test_mask_rcnn_reports_mask_ap(few_shapes, tmp_path):
     out = tmp_path / "mask"
-    assert main(_train_args(shapes, out, "--kind", "maskrcnn", "--epochs", "1", "-b", "4")) == 0
+    assert main(_train_args(few_shapes, out, "--kind", "maskrcnn", "--epochs", "1", "-b", "4")) == 0
     row = _epochs(out)[0]
     assert {"bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50"} <= set(row)
     assert all(v is None or 0 <= v <= 100 for k, v in row.items() if k.startswith(("bbox_", "segm_")))
@@ -145,6 +153,7 @@ def test_micro_batches_under_torchrun(shapes, tmp_path):
             ).abs().max() > 1e-4
 
 
+@pytest.mark.slow  # make test: tests/test_resume_exact.py interrupts detect train (and checks the line) already
 def test_ctrl_c_says_which_epochs_are_saved_and_how_to_resume(shapes, tmp_path):
     """A real ``python -m wszoo detect train`` stopped with SIGINT in its second epoch, then resumed."""
     out = tmp_path / "run"
