@@ -1,4 +1,5 @@
 """A run directory's epochs land as one unit: a stop at any instant leaves the previous epoch or the new one."""
+import json
 import os
 import signal
 
@@ -105,3 +106,19 @@ def test_deferred_interrupts_restore_the_handler():
     with deferred_interrupts():
         pass
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_ctrl_c_after_a_commit_reports_what_is_on_disk(tmp_path):
+    """Ctrl-C held back during an epoch's commit arrives after it, before the loop records the epoch: the message
+    must name the epoch on disk, not the one before."""
+    from wszoo.training.run_dir import interruption
+
+    out = RunDirectory(tmp_path / "run")
+    assert "no epoch was complete" in str(interruption(0, None, out))  # nothing on disk yet
+    out.commit(lambda stage: (stage / "train_state.json").write_text(json.dumps({"epoch": 0})))
+    assert str(interruption(0, None, out)).startswith(f"interrupted after epoch 0 was saved; {out.path} holds "
+                                                      "epochs 0..0")
+    assert str(interruption(1, (out.path, 0), out)).startswith(f"interrupted during epoch 1; {out.path} holds "
+                                                               "epochs 0..0")
+    resumed_from = tmp_path / "older"  # a resumed run whose new directory is still empty: the old one counts
+    assert f"{resumed_from} holds epochs 0..4" in str(interruption(5, (resumed_from, 4), RunDirectory(tmp_path / "x")))

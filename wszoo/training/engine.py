@@ -207,6 +207,6 @@ def train(task: Task, config: TrainConfig) -> Dict[str, Any]:
                 dist.barrier()
             resumable = (out.path, epoch)
     except KeyboardInterrupt:
-        raise interruption(epoch, resumable) from None
+        raise interruption(epoch, resumable, out) from None
     return metrics
 

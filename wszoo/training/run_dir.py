@@ -213,11 +213,18 @@ class TrainingDiverged(FixableError, RuntimeError):
     """The loss or the weights became NaN/Inf: the run stops, and the diverged epoch is not saved."""
 
 
-def interruption(epoch: int, resumable: Optional[Tuple[Path, int]]) -> TrainingInterrupted:
+def interruption(epoch: int, resumable: Optional[Tuple[Path, int]], out: Optional[RunDirectory] = None
+                 ) -> TrainingInterrupted:
     """The error for Ctrl-C during ``epoch``: where the last complete epoch is (``(run_dir, last_epoch)``,
-    ``None`` when no epoch was ever complete) and the argument that resumes from it."""
+    ``None`` when no epoch was ever complete) and the argument that resumes from it. ``out``, the run's
+    directory, is asked too: a Ctrl-C held back while an epoch was committed arrives after the commit, before
+    the loop could record it, and what is on disk is the truth."""
+    state = out.state() if out is not None else None
+    if state is not None and "epoch" in state and (resumable is None or int(state["epoch"]) > resumable[1]):
+        resumable = (out.path, int(state["epoch"]))
     if resumable is None:
         return TrainingInterrupted(f"interrupted during epoch {epoch}; no epoch was complete, nothing is saved")
     where, done = resumable
-    return TrainingInterrupted(f"interrupted during epoch {epoch}; {where} holds epochs 0..{done}: resume with the "
+    when = f"after epoch {epoch} was saved" if done >= epoch else f"during epoch {epoch}"
+    return TrainingInterrupted(f"interrupted {when}; {where} holds epochs 0..{done}: resume with the "
                                "same command and {resume}", resume_fix(where))
