@@ -153,3 +153,12 @@ def test_ws_layer_state_lives_in_the_ws_layer_class():
             continue
         text = path.read_text(encoding="utf-8")
         assert not re.search(r"\b_ws_(cache|accumulated|grouped|group)\b", text), path
+
+
+def test_every_subpackage_ships_in_the_wheel():
+    """pyproject.toml lists the packages explicitly: a new folder missing there installs without its code."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert on_disk <= listed, sorted(on_disk - listed)
