@@ -211,7 +211,7 @@ def test_save_pretrained_refuses_an_unrelated_directory(tmp_path):
 
 
 def test_an_interrupted_write_leaves_the_old_files_whole(tmp_path, monkeypatch):
-    import wszoo.hub
+    import wszoo.saved_config
 
     model = wszoo.create_model("resnet_mini_gn_ws")
     wszoo.save_pretrained(model, str(tmp_path))
@@ -222,7 +222,7 @@ def test_an_interrupted_write_leaves_the_old_files_whole(tmp_path, monkeypatch):
             f.write(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(wszoo.hub, "save_file", dies_half_way)
+    monkeypatch.setattr(wszoo.saved_config, "save_file", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
         wszoo.save_pretrained(wszoo.create_model("resnet_mini_gn_ws", num_classes=4), str(tmp_path))
     after = tree_snapshot(tmp_path)
