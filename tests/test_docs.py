@@ -29,7 +29,7 @@ def name_of(page: Path) -> str:
 def readme(ns: Dict[str, Any]) -> None:
     assert ns["logits"].shape == (1, 10)
     assert tuple(ns["features"].shape) == (1, 2048, 7, 7)
-    assert ns["wszoo"].list_models("resnet*")[:3] == ["resnet50_gn_ws", "resnet101_gn_ws", "resnet_mini_bcn_ws"]
+    assert ns["wszoo"].list_models("resnet*")[:3] == ["resnet18_gn_ws", "resnet34_gn_ws", "resnet50_gn_ws"]
     assert ns["wszoo"].list_pretrained("*50x1*")[0] == "resnetv2_50x1_bit.goog_distilled_in1k"
     bit_cfg = ns["bit"].pretrained_cfg
     assert (bit_cfg["input_size"], bit_cfg["crop_pct"]) == ((3, 448, 448), 1.0)
