@@ -76,6 +76,15 @@ def child_log(proc) -> str:
     return f"exit status {proc.returncode}\n--- stderr ---\n{proc.stderr}\n--- stdout ---\n{proc.stdout}"
 
 
+def terminal_sigint() -> None:
+    """Give a child the disposition a terminal's foreground job has for Ctrl-C (SIGINT): the default. A test
+    runner started in the background (a CI job, ``cmd &``) ignores SIGINT, and its children inherit that, so a
+    Ctrl-C test would otherwise see a run that cannot be interrupted."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt_second_epoch(argv, out, cwd):
     """Run ``python -m wszoo ARGV`` as a user does, wait until its first epoch is committed to ``out`` (a run
     directory), then press Ctrl-C (SIGINT) during the second. Returns ``(returncode, stderr)``."""
@@ -86,7 +95,8 @@ def interrupt_second_epoch(argv, out, cwd):
     import time
 
     proc = subprocess.Popen([sys.executable, "-m", "wszoo", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            text=True, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=terminal_sigint)
     deadline = time.time() + 240
     while not (out / "train_state.json").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
@@ -123,7 +133,8 @@ def interrupt_when_logged(argv, marker, cwd, launcher=(), timeout=240):
     read_end, write_end = os.pipe()
     if launcher:
         proc = subprocess.Popen([*launcher, "-m", "wszoo", *argv], stdout=subprocess.DEVNULL, stderr=write_end,
-                                cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+                                cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                                preexec_fn=terminal_sigint)
         pid, wait = proc.pid, proc.wait
     else:
         pid = os.fork()
@@ -133,6 +144,7 @@ def interrupt_when_logged(argv, marker, cwd, launcher=(), timeout=240):
             try:
                 os.close(read_end)
                 os.setsid()
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # as terminal_sigint, in this process
                 torch.set_num_threads(1)
                 os.dup2(write_end, 2)
                 os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
