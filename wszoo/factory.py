@@ -103,7 +103,8 @@ def _load_weights(model: nn.Module, source: ModelSource, pretrained: bool, check
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path)
         recorded = safetensors_metadata(checkpoint_path).get(METADATA_KEY)
-        record_weights(model, loaded_weights(recorded, model.state_dict(), str(where)))
+        description, sha256 = loaded_weights(recorded, model.state_dict(), str(where))
+        record_weights(model, description, sha256=sha256)
     elif pretrained:
         load_pretrained(model, source.pretrained_cfg)
     elif all(not t.is_meta for t in model.state_dict().values()):  # (the model card counts on the meta device)

@@ -293,12 +293,13 @@ def load_pretrained(model: nn.Module, cfg: Mapping[str, Any], path: Optional[str
         state_dict, source = strip_prefix(read_safetensors(path)), f"checkpoint {path!r}"
     if explicit_file or cfg.get("source") in SAVED_SOURCES:  # not a registry tag: the file says what it holds
         where = f"hf-hub:{cfg['hf_hub_id']}" if cfg.get("hf_hub_id") else str(path)
-        description = loaded_weights(safetensors_metadata(path).get(METADATA_KEY) if path else None,
-                                     state_dict, where)
+        description, _ = loaded_weights(safetensors_metadata(path).get(METADATA_KEY) if path else None,
+                                        state_dict, where)
     else:
         description = published_weights(cfg)
     state_dict, changes = _fit_to_model(model, cfg, state_dict, source)
     model.load_state_dict(state_dict, strict=True)
+    # (fingerprinted again as loaded: loading may adapt or cast what the file held)
     record_weights(model, description, changes)
     return model
 

@@ -17,7 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -66,11 +66,13 @@ def state_fingerprint(state: Any) -> str:
     return digest.hexdigest()
 
 
-def record_weights(model: nn.Module, description: Mapping[str, Any], changes: Sequence[str] = ()) -> None:
-    """Record on ``model`` what its weights are now (``changes``: what loading altered, e.g. a new head)."""
+def record_weights(model: nn.Module, description: Mapping[str, Any], changes: Sequence[str] = (),
+                   sha256: Optional[str] = None) -> None:
+    """Record on ``model`` what its weights are now (``changes``: what loading altered, e.g. a new head).
+    ``sha256``: the fingerprint of exactly these weights if the caller has it already (it is not recomputed)."""
     if changes:
         description = {"kind": "adapted", "base": dict(description), "changes": list(changes)}
-    model.weights_provenance = {"weights": dict(description), "sha256": state_fingerprint(model)}
+    model.weights_provenance = {"weights": dict(description), "sha256": sha256 or state_fingerprint(model)}
 
 
 def published_weights(cfg: Mapping[str, Any]) -> Dict[str, Any]:
@@ -85,20 +87,23 @@ def published_weights(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     return description
 
 
-def loaded_weights(recorded: Optional[str], state_dict: Mapping[str, torch.Tensor], where: str) -> Dict[str, Any]:
+def loaded_weights(recorded: Optional[str], state_dict: Mapping[str, torch.Tensor], where: str
+                   ) -> Tuple[Dict[str, Any], Optional[str]]:
     """What weights read from ``where`` are: the description their file recorded (its metadata JSON), if the
-    tensors are still the ones it was recorded for; else only where they came from."""
+    tensors are still the ones it was recorded for; else only where they came from. Also the fingerprint of
+    ``state_dict`` where checking needed it (``None`` otherwise), so that recording them does not hash again."""
     if recorded:
         try:
             saved = json.loads(recorded)
         except json.JSONDecodeError:
             saved = None
         if isinstance(saved, dict) and isinstance(saved.get("weights"), dict):
-            if saved.get("sha256") == state_fingerprint(state_dict):
-                return saved["weights"]
+            sha = state_fingerprint(state_dict)
+            if saved.get("sha256") == sha:
+                return saved["weights"], sha
             return {"kind": "unknown", "source": where,
-                    "note": "its tensors differ from the ones its description was recorded for"}
-    return {"kind": "unknown", "source": where}
+                    "note": "its tensors differ from the ones its description was recorded for"}, sha
+    return {"kind": "unknown", "source": where}, None
 
 
 def _trim(description: Mapping[str, Any], depth: int = 0) -> Dict[str, Any]:
