@@ -1,12 +1,16 @@
-"""The timm model API on every registered model, plus forward/backward at small input."""
+"""The timm model API and a forward/backward at small input, per registered CNN.
+
+`make test` runs both on one model per code path (tests/models/variants.py); every other registered CNN (deeper
+or wider copies of the same modules, and those over 100M parameters: minutes and several GB for a
+forward/backward on 2 cores) runs them in the slow set (`make test-slow`)."""
 import pytest
 import torch
 from timm.data import create_transform, resolve_data_config
 
 import wszoo
+from tests.models.variants import CNNS, REPRESENTATIVES
 
-# the CNN families; the ViT hybrids (fixed token grid, timm's ViT API) have their own checks in test_vit_hybrid.py
-ALL = [n for n in wszoo.list_models() if wszoo.registry.model_family(n) != "vit_hybrid"]
+ALL = CNNS
 
 
 def _param_count(name: str) -> int:
@@ -14,9 +18,13 @@ def _param_count(name: str) -> int:
         return sum(p.numel() for p in wszoo.create_model(name).parameters())
 
 
-# over 100M parameters: minutes and several GB for a forward/backward on 2 cores, so `make test-slow`
+def _params(names):
+    return [n if n in REPRESENTATIVES else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
+# over 100M parameters: forward/backward in the slow set only; the API checks skip them (minutes each, several GB)
 LARGE = {n for n in ALL if _param_count(n) > 100e6}
-PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in ALL]
+PARAMS = _params(ALL)
 
 
 @pytest.mark.parametrize("name", PARAMS)
@@ -31,7 +39,7 @@ def test_forward_backward(name):
     assert not no_grad, f"parameters without a finite gradient: {no_grad[:5]}"
 
 
-@pytest.mark.parametrize("name", [n for n in ALL if n not in LARGE])
+@pytest.mark.parametrize("name", _params(n for n in ALL if n not in LARGE))
 def test_timm_api(name):
     torch.manual_seed(0)
     model = wszoo.create_model(name).eval()

@@ -1,4 +1,8 @@
-"""NF family against timm's nfnet.py: same keys for every architecture, same outputs on random weights."""
+"""NF family against timm's nfnet.py: same keys for every architecture, same outputs on random weights.
+
+`make test` compares outputs for one published architecture per block layout (dm_nfnet_f0, nfnet_l0,
+eca_nfnet_l0, nf_resnet50, nf_regnet_b1); eca_nfnet_l1 and eca_nfnet_l2 (eca_nfnet_l0's blocks, deeper) and
+the F1-F6 run in the slow set."""
 import pytest
 import timm
 import torch
@@ -12,6 +16,7 @@ NF = wszoo.list_models(["*nfnet*", "nf_*"])
 PUBLISHED = sorted({n.split(".")[0] for n in wszoo.list_pretrained() if n.split(".")[0] in NF})
 SMALL_PUBLISHED = {"dm_nfnet_f0", "nfnet_l0", "eca_nfnet_l0", "eca_nfnet_l1", "eca_nfnet_l2", "nf_resnet50",
                    "nf_regnet_b1"}
+DEFAULT_RUN = SMALL_PUBLISHED - {"eca_nfnet_l1", "eca_nfnet_l2"}  # the rest: `make test-slow`
 
 
 def test_every_nf_architecture_registered():
@@ -31,7 +36,7 @@ def test_state_dict_key_for_key_timm(name):
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
 
 
-@pytest.mark.parametrize("name", [n if n in SMALL_PUBLISHED else pytest.param(n, marks=pytest.mark.slow)
+@pytest.mark.parametrize("name", [n if n in DEFAULT_RUN else pytest.param(n, marks=pytest.mark.slow)
                                   for n in PUBLISHED])
 def test_outputs_match_timm_with_random_gains(name):
     ref = randomize_(timm.create_model(name), seed=5).eval()

@@ -1,7 +1,9 @@
 """timm's model test battery (tests/test_models.py in timm's repository), in spirit, on every registered model:
 cfg fields and pooling, headless forms, forward_intermediates and every feature wrapper, TorchScript in
 train and eval, FX (torch.fx and torchvision's create_feature_extractor) forward, backward and scripted.
-The models over 100M parameters run in the slow set; inputs are small, as timm's battery keeps them.
+Inputs are small, as timm's battery keeps them. `make test` runs the per-model checks on one model per code
+path (tests/models/variants.py: 11 models); every other registered CNN (the deeper and wider copies, and the
+models over 100M parameters) runs them in the slow set (`make test-slow`).
 
 Each model is built once (a module-scoped fixture, so pytest runs one model's checks together) and every
 check works on a deep copy of it."""
@@ -16,24 +18,11 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 import wszoo
 from tests.helpers import randomize_
+from tests.models.variants import CNNS, REPRESENTATIVES
 from wszoo.features import FEATURE_CLASSES, wrap_features
 
-# the CNN families; the ViT hybrids are timm's own VisionTransformer on a WS CNN, checked against timm's hybrids
-# (the same battery at their fixed token grid) in test_vit_hybrid.py
-ALL = [n for n in wszoo.list_models() if wszoo.registry.model_family(n) != "vit_hybrid"]
-# Every code path of every family, in the default run: each block/stem/attention/padding/normalizer variant
-# once. The other architectures are deeper or wider copies of these same modules (and those over 100M
-# parameters are minutes each): they run with `make test-slow`.
-EVERY_VARIANT = {
-    "resnet_mini_gn_ws", "resnet_mini_bcn_ws", "resnet_mini_gn", "resnet_mini_bn",  # each normalizer
-    "resnet50_gn_ws", "resnext50_32x4d_gn_ws",  # qiao WS; grouped convs
-    "resnetv2_50x1_bit",  # pre-activation GN+WS, conv classifier
-    "nf_resnet26", "nf_seresnet26", "nf_ecaresnet26",  # 7x7 stem, ReLU; SE; ECA
-    "nf_regnet_b0",  # 3x3 stem, RegNet blocks, final conv
-    "nfnet_l0", "eca_nfnet_l0", "nfnet_f0",  # deep stem, extra conv, SiLU/GELU, SE/ECA, gamma in the convs
-    "dm_nfnet_f0",  # TF 'SAME' padding, gamma in the activation, skipinit gains
-}
-PARAMS = [n if n in EVERY_VARIANT else pytest.param(n, marks=pytest.mark.slow) for n in ALL]
+ALL = CNNS
+PARAMS = [n if n in REPRESENTATIVES else pytest.param(n, marks=pytest.mark.slow) for n in ALL]
 SIZE = 32  # stride 32 reaches 1x1 here (the 28 px minis stop at stride 4: 8x8)
 CFG_FIELDS = ("num_classes", "input_size", "pool_size", "crop_pct", "crop_mode", "interpolation", "mean", "std",
               "first_conv", "classifier", "architecture", "tag")
