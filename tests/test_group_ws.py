@@ -196,14 +196,15 @@ def test_nested_grouped_modules():
 
 
 def test_the_gpu_script_runs_here_at_small_sizes(tmp_path):
-    """scripts/gpu_grouped_bench.py is what the GPU measurement runs; a dry run on the CPU proves it complete."""
+    """scripts/gpu_grouped_bench.py is what the GPU measurement runs; a dry run on the CPU proves it complete (its
+    Mask R-CNN at 32 x 48 px: 2,000 proposals and 512 RoIs a step make 64 x 96 px five times as long)."""
     import json
     import runpy
     import sys
 
     argv = sys.argv
     sys.argv = ["gpu_grouped_bench.py", str(tmp_path), "--device", "cpu", "--batch", "2", "--img-size", "32",
-                "--det-size", "64", "96", "--det-backbone", "nf_regnet_b0", "--repeats", "1", "--models",
+                "--det-size", "32", "48", "--det-backbone", "nf_regnet_b0", "--repeats", "1", "--models",
                 "resnet_mini_gn_ws"]
     try:
         with pytest.raises(SystemExit) as done:
