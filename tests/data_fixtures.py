@@ -85,3 +85,48 @@ def make_coco_shapes(root: Path, n_images: int = 32, size: int = 64, seed: int =
     ann_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": [
         {"id": 1, "name": "square"}, {"id": 7, "name": "plus"}]}))
     return images_dir, ann_file
+
+
+#: One colour per segmentation class (class 0, the background, is dark noise).
+SEGMENTATION_COLOURS = [(230, 60, 60), (60, 230, 60), (60, 60, 230), (230, 230, 60), (230, 60, 230), (60, 230, 230)]
+
+
+def voc_palette() -> list:
+    """A 256-entry palette: class k in a colour of its own, 255 (ignored) in white, as VOC's masks are drawn."""
+    palette = [0, 0, 0] + [c for colour in SEGMENTATION_COLOURS for c in colour]
+    palette += [128, 128, 128] * (255 - len(palette) // 3) + [255, 255, 255]
+    return palette
+
+
+def make_voc_segmentation(root: Path, n_train: int = 16, n_val: int = 8, size: int = 48, num_classes: int = 4,
+                          seed: int = 0) -> Path:
+    """A VOC-layout semantic segmentation set: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` (palette
+    PNGs) and ``ImageSets/Segmentation/{train,val}.txt``. Each image is split at a random point into four
+    rectangles, each of a random class: class 0 (the background) dark noise, class k the k-th colour; the
+    lines between them are 2 px labelled 255 (ignored), as VOC outlines its objects. Every class covers a fair
+    share of the pixels, so a few optimizer steps learn more than "all background". Odd images are 8 px
+    shorter: not every image has one size."""
+    assert 2 <= num_classes <= len(SEGMENTATION_COLOURS) + 1
+    rng = np.random.default_rng(seed)
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("val", n_val)):
+        ids = [f"{split}_{i:04d}" for i in range(n)]
+        for i, image_id in enumerate(ids):
+            height = size - 8 * (i % 2)
+            pixels = rng.integers(0, 60, (height, size, 3)).astype(np.uint8)
+            mask = np.zeros((height, size), dtype=np.uint8)
+            y, x = int(rng.integers(height // 3, 2 * height // 3)), int(rng.integers(size // 3, 2 * size // 3))
+            for rows in (slice(0, y), slice(y, height)):
+                for cols in (slice(0, x), slice(x, size)):
+                    k = int(rng.integers(0, num_classes))
+                    mask[rows, cols] = k
+                    if k:
+                        pixels[rows, cols] = SEGMENTATION_COLOURS[k - 1]
+            mask[y - 1:y + 1, :] = mask[:, x - 1:x + 1] = 255
+            Image.fromarray(pixels).save(root / "JPEGImages" / f"{image_id}.jpg", quality=95)
+            png = Image.frombytes("P", (size, height), mask.tobytes())  # the bytes are the class indices
+            png.putpalette(voc_palette())
+            png.save(root / "SegmentationClass" / f"{image_id}.png")
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return root

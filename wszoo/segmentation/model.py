@@ -1,5 +1,5 @@
-"""Semantic segmentation: DeepLabv3 with a WS backbone whose last stages are dilated (output stride 8
-or 16) and torchvision's ASPP head rebuilt with GroupNorm + WS (no batch statistics anywhere)."""
+"""The segmenter: DeepLabv3 with a WS backbone whose last stages are dilated (output stride 8 or 16) and
+torchvision's ASPP head rebuilt with GroupNorm + WS (no batch statistics anywhere)."""
 from typing import Dict, Optional, Union
 
 import torch
@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from .. import speed
+from ..detection.backbone import create_backbone, ws_style_of
+from ..detection.detectors import recipe_defaults
 from ..layers import batchnorm_to_groupnorm, convert_convs_to_ws
-from .backbone import create_backbone, ws_style_of
-from .detectors import recipe_defaults
 
 __all__ = ["build_segmenter", "WSDeepLabV3", "batchnorm_to_groupnorm"]
 
