@@ -98,6 +98,13 @@ def voc_palette() -> list:
     return palette
 
 
+def write_palette_mask(path: Path, mask: np.ndarray) -> None:
+    """A palette PNG whose pixel values are ``mask``'s (class indices, 255 ignored), as VOC's masks are."""
+    png = Image.frombytes("P", (mask.shape[1], mask.shape[0]), mask.astype(np.uint8).tobytes())
+    png.putpalette(voc_palette())
+    png.save(path)
+
+
 def make_voc_segmentation(root: Path, n_train: int = 16, n_val: int = 8, size: int = 48, num_classes: int = 4,
                           seed: int = 0) -> Path:
     """A VOC-layout semantic segmentation set: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` (palette
@@ -125,8 +132,6 @@ def make_voc_segmentation(root: Path, n_train: int = 16, n_val: int = 8, size: i
                         pixels[rows, cols] = SEGMENTATION_COLOURS[k - 1]
             mask[y - 1:y + 1, :] = mask[:, x - 1:x + 1] = 255
             Image.fromarray(pixels).save(root / "JPEGImages" / f"{image_id}.jpg", quality=95)
-            png = Image.frombytes("P", (size, height), mask.tobytes())  # the bytes are the class indices
-            png.putpalette(voc_palette())
-            png.save(root / "SegmentationClass" / f"{image_id}.png")
+            write_palette_mask(root / "SegmentationClass" / f"{image_id}.png", mask)
         (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
     return root

@@ -1,7 +1,8 @@
 """A run stopped with Ctrl-C and resumed ends exactly where the same command left alone ends: the same weights,
 EMA, best/, optimizer and schedule state, bit for bit, and the same metrics.jsonl but for how long each epoch
-took. ``wszoo finetune`` (micro-batches, EMA, AGC, timm's augmentation, dropout) and ``wszoo detect train``
-(flip augmentation, micro-batches), in one process and under torchrun, with and without DataLoader workers."""
+took. ``wszoo finetune`` (micro-batches, EMA, AGC, timm's augmentation, dropout), ``wszoo detect train``
+(flip augmentation, micro-batches) and ``wszoo segment train`` (random rescale/flip/crop, mIoU picking best/),
+in one process and under torchrun, with and without DataLoader workers."""
 import hashlib
 import json
 import os
@@ -14,8 +15,9 @@ import torch
 from safetensors import safe_open
 
 import wszoo.detection.training  # noqa: F401  (imported once here: the runs forked from this process start warm)
+import wszoo.segmentation.training  # noqa: F401
 import wszoo.training  # noqa: F401
-from tests.data_fixtures import make_coco_shapes, make_fashion_mnist
+from tests.data_fixtures import make_coco_shapes, make_fashion_mnist, make_voc_segmentation
 from tests.helpers import interrupt_when_logged, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,3 +119,13 @@ def test_detect_train_resumed_after_ctrl_c_ends_bitwise_equal(tmp_path, amp):
 def test_detect_train_under_torchrun_resumed_after_ctrl_c_ends_bitwise_equal(tmp_path):
     """2 ranks x 4 images each (a minute of interpreter starts and detector steps)."""
     assert_resumed_run_is_exact(_detect_args(tmp_path, 8), tmp_path, TORCHRUN)
+
+
+def test_segment_train_resumed_after_ctrl_c_ends_bitwise_equal(tmp_path):
+    """4 images of 32 px rescaled, flipped and cropped at random (in 2 DataLoader workers), micro-batches of 1,
+    mIoU on 2 val images after each epoch choosing best/."""
+    voc = make_voc_segmentation(tmp_path / "voc", n_train=4, n_val=2, size=32, num_classes=3)
+    assert_resumed_run_is_exact(["segment", "train", "--data-dir", str(voc), "--num-classes", "3",
+                                 "--backbone", "nf_regnet_b0", "--no-pretrained-backbone", "--img-size", "32",
+                                 "--epochs", "2", "-b", "1", "--accum-steps", "2", "--log-interval", "1",
+                                 "--workers", "2"], tmp_path)
