@@ -53,6 +53,12 @@ def detection(ns: Dict[str, Any]) -> None:
     assert ns["detections"][0].keys() == {"boxes", "labels", "scores"}
 
 
+def segmentation(ns: Dict[str, Any]) -> None:
+    assert tuple(ns["logits"].shape) == (1, 3, 64, 64)
+    assert int(ns["matrix"].sum()) == 60 * 64 == ns["metrics"]["pixels"]  # the 4 rows of 255 counted nowhere
+    assert 0 <= ns["metrics"]["mIoU"] <= 100 and len(ns["metrics"]["IoU"]) == 3
+
+
 def export(ns: Dict[str, Any]) -> None:
     report = ns["report"]  # written into the test's working directory
     assert report.format == "onnx" and Path(report.path).is_file() and Path(report.metadata_path).is_file()
@@ -72,6 +78,7 @@ def architecture(ns: Dict[str, Any]) -> None:
 PROMISES: Dict[str, Callable[[Dict[str, Any]], None]] = {
     "README.md": readme, "docs/usage.md": usage, "docs/retrofit.md": retrofit, "docs/detection.md": detection,
     "docs/export.md": export, "docs/reference.md": reference, "docs/architecture.md": architecture,
+    "docs/segmentation.md": segmentation,
 }
 
 
