@@ -3,7 +3,7 @@
 expected errors into one line (exit 2), Ctrl-C into one line (exit 130).
 
 Commands: ``list``, ``info``, ``eval``, ``finetune``, ``study``, ``bench``, ``convert``, ``export``, ``detect``,
-``segment``, ``card``, ``demo``.
+``segment``, ``data``, ``card``, ``demo``.
 """
 import argparse
 import sys
@@ -12,7 +12,7 @@ from typing import List, Optional
 from ..errors import Fix, FixableError
 from ..hub import PretrainedWeightsError
 from ..training.distributed import leave_process_group
-from . import bench, card, convert, demo, detect, export, finetune, info, segment, study
+from . import bench, card, convert, data, demo, detect, export, finetune, info, segment, study
 from . import eval as eval_command
 from . import list as list_command
 from .flags import rank0
@@ -20,8 +20,8 @@ from .flags import rank0
 __all__ = ["main", "build_parser"]
 
 #: The commands in the order ``wszoo -h`` lists them.
-COMMANDS = (list_command, info, eval_command, finetune, study, bench, convert, export, detect, segment, card,
-            demo)
+COMMANDS = (list_command, info, eval_command, finetune, study, bench, convert, export, detect, segment, data,
+            card, demo)
 
 
 #: Library parameters whose flag has another name (the flag's ``dest``); any other parameter's flag is its own name.
