@@ -11,6 +11,8 @@ else
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 endif
 PYTEST_ARGS ?=
+# make test's processes (pytest-xdist, a test file to a process: a file's shared fixtures are built once)
+TEST_WORKERS ?= 2
 
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
@@ -40,10 +42,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test: $(STAMP) data lint
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m slow -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -133,7 +133,7 @@ def test_timm_create_model_reads_our_folders_bitwise(tmp_path):
                 cases.append({"name": name, "input": str(tmp_path / f"{arch}.x"),
                               "output": str(tmp_path / f"{len(cases)}.out"), "arch": arch})
         env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_CACHE": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1",
-               "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"}
+               "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": str(torch.get_num_threads())}  # (as here: bitwise)
         done = subprocess.run([sys.executable, "-c", TIMM_SCRIPT, json.dumps(cases)], env=env, capture_output=True,
                               text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
