@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import Fix, UsageError
-from ..training.config import TrainConfig
+from ..training.config import DensePredictionConfig
 from ..training.distributed import is_main_process
 from ..training.engine import Task, train
 from ..training.run_dir import TrainingDiverged
@@ -35,7 +35,7 @@ DetectionDiverged = TrainingDiverged
 
 
 @dataclass(kw_only=True)
-class DetectTrainConfig(TrainConfig):
+class DetectTrainConfig(DensePredictionConfig):
     """A detector's training run: :class:`wszoo.training.TrainConfig`'s fields (defaults as
     ``wszoo detect train``'s flags: SGD without Nesterov, decay on every parameter) and these.
 
@@ -69,13 +69,6 @@ class DetectTrainConfig(TrainConfig):
     rois_per_image: Optional[int] = None
     epochs: int = 12
     batch_size: int = 2
-    lr: float = 0.02
-    nesterov: bool = False
-    weight_decay: float = 1e-4
-    log_interval: int = 20
-
-    def warmup_steps(self, steps_per_epoch: int) -> int:
-        return self.warmup_iters
 
 
 class DetectionTask(Task):

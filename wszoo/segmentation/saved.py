@@ -2,17 +2,13 @@
 arguments that rebuild it, the input size and normalization it was trained with, and what it was trained on,
 with the mIoU the run measured on these exact weights and the set it measured it on), so evaluating it
 (``wszoo segment eval``, :func:`segment_eval`) needs only the folder."""
-import json
-import logging
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
-from ..checkpoint import load_checkpoint, non_finite_tensors
-from ..files import atomic_path, atomic_write_text
+from ..task_folder import WEIGHTS, load_task_folder, save_task_folder
 from ..training.distributed import init_distributed
 from .data import EvalTransform, VOCSegmentation
 from .metrics import evaluate_segmenter
@@ -20,50 +16,22 @@ from .model import build_segmenter
 
 __all__ = ["save_segmenter", "load_segmenter", "segment_eval", "SEGMENTER_CONFIG", "WEIGHTS"]
 
-_logger = logging.getLogger("wszoo")
 SEGMENTER_CONFIG = "segmenter.json"
-WEIGHTS = "model.safetensors"
 
 
 def save_segmenter(model: nn.Module, directory: Path, config: Dict[str, Any]) -> None:
     """``model.safetensors`` and ``segmenter.json`` (``config``: the build arguments, ``img_size``, ``mean``,
     ``std``, ``training``), each written atomically."""
-    bad = non_finite_tensors(model.state_dict())
-    if bad:
-        raise ValueError(f"refusing to save a segmenter with non-finite values (NaN/Inf) in {', '.join(bad[:5])}")
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(directory / SEGMENTER_CONFIG, json.dumps(config, indent=2) + "\n")
-    with atomic_path(directory / WEIGHTS) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp,
-                  metadata={"format": "pt", "segmenter": config["kind"], "backbone": config["backbone"]})
-
-
-class _Silenced(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return False
+    save_task_folder(model, directory, SEGMENTER_CONFIG, config, "segmenter")
 
 
 def load_segmenter(directory: str) -> Tuple[nn.Module, Dict[str, Any]]:
     """Rebuild a segmenter saved by :func:`save_segmenter` (without published backbone weights, which the
     trained ones replace at once: their log lines are not shown) and load its trained weights."""
-    config_path = Path(directory) / SEGMENTER_CONFIG
-    if not config_path.is_file():
-        raise ValueError(f"{directory} has no {SEGMENTER_CONFIG}: not a segmenter saved by wszoo segment train")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ValueError(f"{config_path} is not readable JSON: {e}") from e
-    silenced = _Silenced()
-    _logger.addFilter(silenced)
-    try:
-        model = build_segmenter(config["kind"], config["backbone"], config["num_classes"],
-                                output_stride=config["output_stride"], pretrained_backbone=False)
-    finally:
-        _logger.removeFilter(silenced)
-    weights = Path(directory) / WEIGHTS
-    load_checkpoint(model, str(weights))
-    _logger.info("%s on %s: trained weights from %s", config["kind"], config["backbone"], weights)
-    return model, config
+    return load_task_folder(directory, SEGMENTER_CONFIG, "segmenter", "wszoo segment train",
+                            lambda config: build_segmenter(config["kind"], config["backbone"], config["num_classes"],
+                                                           output_stride=config["output_stride"],
+                                                           pretrained_backbone=False))
 
 
 def segment_eval(checkpoint: str, data_dir: str, split: str = "val", batch_size: int = 8,

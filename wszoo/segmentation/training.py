@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..errors import Fix, UsageError
-from ..training.config import TrainConfig
+from ..training.config import DensePredictionConfig
 from ..training.engine import Task, train
 from .data import IGNORE_INDEX, EvalTransform, TrainTransform, VOCSegmentation
 from .metrics import evaluate_segmenter
@@ -35,7 +35,7 @@ __all__ = ["SegmentTrainConfig", "SegmentationTask", "segment_train"]
 
 
 @dataclass(kw_only=True)
-class SegmentTrainConfig(TrainConfig):
+class SegmentTrainConfig(DensePredictionConfig):
     """A segmenter's training run: :class:`wszoo.training.TrainConfig`'s fields (defaults as
     ``wszoo segment train``'s flags, torchvision's reference recipe: SGD without Nesterov, lr 0.02, weight
     decay 1e-4 on every parameter, 30 epochs, crops of 480) and these.
@@ -64,13 +64,6 @@ class SegmentTrainConfig(TrainConfig):
     warmup_iters: int = 0
     epochs: int = 30
     batch_size: int = 4
-    lr: float = 0.02
-    nesterov: bool = False
-    weight_decay: float = 1e-4
-    log_interval: int = 20
-
-    def warmup_steps(self, steps_per_epoch: int) -> int:
-        return self.warmup_iters
 
 
 class SegmentationTask(Task):

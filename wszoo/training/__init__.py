@@ -5,9 +5,9 @@
 ``run_dir`` (the run directory's atomic commits), ``epochs`` (per-epoch seeding), ``data`` (datasets and
 transforms), ``evaluate``, ``distributed`` (torchrun helpers) and ``study`` (the micro-batch study)."""
 from .classification import ClassificationTask, FinetuneConfig, finetune
-from .config import TrainConfig
+from .config import DensePredictionConfig, TrainConfig
 from .engine import Task, train, warmup_cosine
 from .run_dir import TrainingDiverged, TrainingInterrupted
 
-__all__ = ["TrainConfig", "FinetuneConfig", "ClassificationTask", "Task", "finetune", "train", "warmup_cosine",
+__all__ = ["TrainConfig", "DensePredictionConfig", "FinetuneConfig", "ClassificationTask", "Task", "finetune", "train", "warmup_cosine",
            "TrainingDiverged", "TrainingInterrupted"]

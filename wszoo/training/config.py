@@ -5,7 +5,7 @@ on the command line (:mod:`wszoo.errors`)."""
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["TrainConfig"]
+__all__ = ["TrainConfig", "DensePredictionConfig"]
 
 
 @dataclass(kw_only=True)
@@ -63,3 +63,22 @@ class TrainConfig:
     def warmup_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps of linear warmup (each task's config says how it counts them)."""
         return 0
+
+
+@dataclass(kw_only=True)
+class DensePredictionConfig(TrainConfig):
+    """The recipe detection and segmentation share (torchvision's reference scripts): SGD with momentum and no
+    Nesterov, lr 0.02, weight decay 1e-4 on every parameter, a linear warmup counted in optimizer steps.
+
+    Attributes:
+        warmup_iters: optimizer steps of linear warmup.
+    """
+
+    warmup_iters: int = 0
+    lr: float = 0.02
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    log_interval: int = 20
+
+    def warmup_steps(self, steps_per_epoch: int) -> int:
+        return self.warmup_iters
