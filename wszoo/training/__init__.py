@@ -9,5 +9,5 @@ from .config import DensePredictionConfig, TrainConfig
 from .engine import Task, train, warmup_cosine
 from .run_dir import TrainingDiverged, TrainingInterrupted
 
-__all__ = ["TrainConfig", "DensePredictionConfig", "FinetuneConfig", "ClassificationTask", "Task", "finetune", "train", "warmup_cosine",
-           "TrainingDiverged", "TrainingInterrupted"]
+__all__ = ["TrainConfig", "DensePredictionConfig", "FinetuneConfig", "ClassificationTask", "Task", "finetune", "train",
+           "warmup_cosine", "TrainingDiverged", "TrainingInterrupted"]
