@@ -33,8 +33,8 @@ from .training import SegmentTrainConfig, segment_train
 __all__ = ["segment_demo", "DEMO_RECIPE", "PICTURE", "SHOWN", "CLASS_NAMES"]
 
 #: the fixed recipe: canvases, their side, and the training run (DeepLabv3, random start)
-DEMO_RECIPE: Dict[str, Any] = {"train_images": 400, "val_images": 100, "img_size": 64, "epochs": 3,
-                               "batch_size": 8, "lr": 0.02, "warmup_iters": 10, "backbone": "resnet18_gn_ws",
+DEMO_RECIPE: Dict[str, Any] = {"train_images": 400, "val_images": 100, "img_size": 64, "epochs": 8,
+                               "batch_size": 8, "lr": 0.05, "warmup_iters": 10, "backbone": "resnet18_gn_ws",
                                "output_stride": 16}
 PICTURE = "predictions.png"
 SHOWN = 4
