@@ -1,0 +1,77 @@
+"""``wszoo segment demo``: the newcomer's first segmenter, trained here, scored and drawn. A tiny recipe in
+``make test`` (8 + 4 canvases, one epoch) checks what the user gets: the figures line naming its dataset, mIoU and
+pixel accuracy in [0, 100], a PNG of the size the panels make, a run ``wszoo segment eval`` scores again to the
+same figures, and the one-line refusal of a used folder. The real demo, with the mIoU floor it measured, is
+``slow``."""
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.data_fixtures import make_fashion_mnist
+from tests.helpers import run_cli
+from wszoo.segmentation.demo import PICTURE, SHOWN, segment_demo
+from wszoo.tools.showcase import grid_size
+from wszoo.training.data import FASHION_MNIST_DIR
+
+HAS_FMNIST = Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").is_file()
+#: half the mIoU `wszoo segment demo` measured (12.3, docs/segmentation.md and configs/trained_here/dense.json)
+MIOU_FLOOR = 6.1
+FIGURES = re.compile(r"^Fashion-MNIST mosaics, (\d+) val images of (\d+) px \(items from Fashion-MNIST's test split\): "
+                     r"mIoU (\d+\.\d), pixel accuracy (\d+\.\d)$", re.M)
+
+
+@pytest.fixture(scope="module")
+def fmnist(tmp_path_factory) -> str:
+    if HAS_FMNIST:
+        return FASHION_MNIST_DIR
+    return str(make_fashion_mnist(tmp_path_factory.mktemp("fm"), n_train=60, n_test=30))
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(fmnist, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "seg"
+    lines = []
+    result = segment_demo(out, data_dir=fmnist, log=lines.append, train_images=8, val_images=4, epochs=1, img_size=32)
+    return out, result, "\n".join(lines)
+
+
+def test_tiny_demo_prints_its_figures_and_draws_them(tiny_demo):
+    out, result, printed = tiny_demo
+    match = FIGURES.search(printed)
+    assert match, printed
+    assert (int(match[1]), int(match[2])) == (4, 32)
+    for key, shown in (("mIoU", match[3]), ("pixel_acc", match[4])):
+        assert 0 <= result[key] <= 100 and f"{result[key]:.1f}" == shown
+    with Image.open(out / PICTURE) as picture:
+        assert picture.format == "PNG" and picture.size == grid_size(min(SHOWN, 4), 3)
+        picture.load()
+    assert f"wszoo segment eval --checkpoint {out / 'run' / 'last'} --data-dir {out / 'mosaic'}" in printed
+
+
+def test_tiny_demo_run_scores_again_with_segment_eval(tiny_demo):
+    out, result, _ = tiny_demo
+    code, stdout, stderr = run_cli(["segment", "eval", "--checkpoint", str(out / "run" / "last"), "--data-dir",
+                                    str(out / "mosaic")])
+    assert code == 0, stderr
+    assert f"mIoU {result['mIoU']:.2f}  pixel_acc {result['pixel_acc']:.2f}" in stdout
+
+
+def test_demo_refuses_a_used_folder_in_one_line(tiny_demo):
+    out, _, _ = tiny_demo
+    before = sorted(p.name for p in out.iterdir())
+    code, stdout, stderr = run_cli(["segment", "demo", "--output", str(out)])
+    assert code == 2 and stdout == ""
+    assert stderr.strip() == (f"wszoo segment demo: error: {out} is not empty: choose another folder or pass "
+                              "--overwrite to replace the demo in it")
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_FMNIST, reason="the real demo trains on Debian's dataset-fashion-mnist")
+def test_the_real_demo_learns(tmp_path):
+    code, stdout, stderr = run_cli(["segment", "demo", "--output", str(tmp_path / "demo")])
+    assert code == 0, stderr
+    match = FIGURES.search(stdout)
+    assert match and float(match[3]) >= MIOU_FLOOR
