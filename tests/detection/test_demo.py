@@ -10,7 +10,7 @@ from PIL import Image
 
 from tests.data_fixtures import make_fashion_mnist
 from tests.helpers import run_cli
-from wszoo.detection.demo import PICTURE, SHOWN, detect_demo
+from wszoo.detection.demo import DEMO_RECIPE, PICTURE, SHOWN, detect_demo
 from wszoo.tools.showcase import grid_size
 from wszoo.training.data import FASHION_MNIST_DIR
 
@@ -76,5 +76,5 @@ def test_the_real_demo_learns(tmp_path):
     code, stdout, stderr = run_cli(["detect", "demo", "--output", str(tmp_path / "demo")])
     assert code == 0, stderr
     match = FIGURES.search(stdout)
-    assert match and int(match[1]) == 100
-    assert float(match[4]) >= AP50_FLOOR
+    assert match and int(match[1]) == DEMO_RECIPE["val_images"] == 50, stdout
+    assert float(match[4]) >= AP50_FLOOR, match[0]

@@ -74,4 +74,5 @@ def test_the_real_demo_learns(tmp_path):
     code, stdout, stderr = run_cli(["segment", "demo", "--output", str(tmp_path / "demo")])
     assert code == 0, stderr
     match = FIGURES.search(stdout)
-    assert match and float(match[3]) >= MIOU_FLOOR
+    assert match and int(match[1]) == 100, stdout
+    assert float(match[3]) >= MIOU_FLOOR, match[0]
