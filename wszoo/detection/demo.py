@@ -21,8 +21,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..tools.mosaic import write_mosaic
-from ..tools.showcase import draw_boxes, prepare_output, save_grid
+from ..tools.showcase import draw_boxes, mosaic_description, save_grid, start_demo
 from ..training.engine import train
 from .coco import CocoDetection
 from .saved import detect_eval, load_detector
@@ -93,17 +92,9 @@ def detect_demo(output: Union[str, Path] = "wszoo-detect-demo", *, seed: int = 0
     on the val canvases and draw ``output/predictions.png``; returns the figures (``bbox_AP``, ``bbox_AP50``,
     percent), ``dataset``, ``picture``, ``checkpoint`` and ``seconds``. ``recipe_changes`` override
     :data:`DEMO_RECIPE` entries (a smaller run for tests); ``data_dir``: where Fashion-MNIST lies."""
-    unknown = sorted(set(recipe_changes) - set(DEMO_RECIPE))
-    if unknown:
-        raise TypeError(f"detect_demo() got unknown recipe entries {unknown}; known: {sorted(DEMO_RECIPE)}")
-    recipe = {**DEMO_RECIPE, **recipe_changes}
-    out = prepare_output(output, overwrite)
     start = time.perf_counter()
-    mosaic, run = out / "mosaic", out / "run"
-    log(f"writing {recipe['train_images']} + {recipe['val_images']} Fashion-MNIST mosaics of {recipe['img_size']} px "
-        f"to {mosaic}")
-    write_mosaic(mosaic, recipe["train_images"], recipe["val_images"], size=recipe["img_size"], seed=seed,
-                 data_dir=data_dir, overwrite=True)
+    recipe, out, mosaic, run = start_demo("detect_demo", output, overwrite, DEMO_RECIPE, recipe_changes, seed, data_dir,
+                                          log)
     log(f"training a Faster R-CNN on resnet18_gn_ws from random weights for {recipe['epochs']} epochs into {run}")
     config = _train_config(mosaic, run, recipe, seed)
     train(_DemoTask(config), config)
@@ -111,8 +102,7 @@ def detect_demo(output: Union[str, Path] = "wszoo-detect-demo", *, seed: int = 0
     images, annotations = mosaic / "JPEGImages", mosaic / "annotations/instances_val.json"
     box = detect_eval(str(checkpoint), str(images), str(annotations))["bbox"]
     picture = _picture(checkpoint, mosaic, out / PICTURE, SHOWN)
-    dataset = (f"Fashion-MNIST mosaics, {recipe['val_images']} val images of {recipe['img_size']} px "
-               "(items from Fashion-MNIST's test split)")
+    dataset = mosaic_description(recipe)
     result = {"bbox_AP": box["AP"], "bbox_AP50": box["AP50"], "dataset": dataset, "picture": str(picture),
               "checkpoint": str(checkpoint), "seconds": round(time.perf_counter() - start, 1), "recipe": recipe}
     log(f"{dataset}: box AP {box['AP']:.1f}, AP50 {box['AP50']:.1f}")

@@ -23,8 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..tools.mosaic import write_mosaic
-from ..tools.showcase import PANEL, label_font, prepare_output, save_grid
+from ..tools.showcase import PANEL, label_font, mosaic_description, save_grid, start_demo
 from ..training.data import FASHION_MNIST_CLASSES
 from .data import IMAGES, MASKS, EvalTransform, read_split
 from .saved import load_segmenter, segment_eval
@@ -96,25 +95,16 @@ def segment_demo(output: Union[str, Path] = "wszoo-segment-demo", *, seed: int =
     on the val canvases and draw ``output/predictions.png``; returns the figures (``mIoU``, ``pixel_acc``,
     ``IoU`` per class, percent), ``dataset``, ``picture``, ``checkpoint`` and ``seconds``. ``recipe_changes``
     override :data:`DEMO_RECIPE` entries (a smaller run for tests); ``data_dir``: where Fashion-MNIST lies."""
-    unknown = sorted(set(recipe_changes) - set(DEMO_RECIPE))
-    if unknown:
-        raise TypeError(f"segment_demo() got unknown recipe entries {unknown}; known: {sorted(DEMO_RECIPE)}")
-    recipe = {**DEMO_RECIPE, **recipe_changes}
-    out = prepare_output(output, overwrite)
     start = time.perf_counter()
-    mosaic, run = out / "mosaic", out / "run"
-    log(f"writing {recipe['train_images']} + {recipe['val_images']} Fashion-MNIST mosaics of {recipe['img_size']} px "
-        f"to {mosaic}")
-    write_mosaic(mosaic, recipe["train_images"], recipe["val_images"], size=recipe["img_size"], seed=seed,
-                 data_dir=data_dir, overwrite=True)
+    recipe, out, mosaic, run = start_demo("segment_demo", output, overwrite, DEMO_RECIPE, recipe_changes, seed,
+                                          data_dir, log)
     log(f"training DeepLabv3 on {recipe['backbone']} (output stride {recipe['output_stride']}) from random weights "
         f"for {recipe['epochs']} epochs into {run}")
     segment_train(_train_config(mosaic, run, recipe, seed))
     checkpoint = run / "last"
     metrics = segment_eval(str(checkpoint), str(mosaic), "val", device=torch.device("cpu"))
     picture = _picture(checkpoint, mosaic, out / PICTURE, SHOWN)
-    dataset = (f"Fashion-MNIST mosaics, {recipe['val_images']} val images of {recipe['img_size']} px "
-               "(items from Fashion-MNIST's test split)")
+    dataset = mosaic_description(recipe)
     result = {"mIoU": metrics["mIoU"], "pixel_acc": metrics["pixel_acc"], "IoU": metrics["IoU"], "dataset": dataset,
               "picture": str(picture), "checkpoint": str(checkpoint),
               "seconds": round(time.perf_counter() - start, 1), "recipe": recipe}

@@ -1,7 +1,7 @@
 """What ``wszoo detect demo`` and ``wszoo segment demo`` share: the output folder they refuse to fill twice, and
 the picture of predictions beside the ground truth (PIL only: the demos need no plotting library)."""
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -73,3 +73,30 @@ def save_grid(rows: List[List[Image.Image]], titles: Sequence[str], path: Path) 
             picture.paste(panel, (c * (PANEL + _GAP), TITLE_HEIGHT + r * (PANEL + _GAP)))
     picture.save(path)
     return path
+
+
+def start_demo(name: str, output: Union[str, Path], overwrite: bool, recipe: Dict[str, Any],
+               recipe_changes: Dict[str, Any], seed: int, data_dir: Optional[str], log: Callable[[str], None]
+               ) -> Tuple[Dict[str, Any], Path, Path, Path]:
+    """A demo's first steps, the same for each task: check ``recipe_changes`` against the demo's ``recipe``,
+    claim ``output`` and write the mosaics into ``output/mosaic``. Returns the recipe in force, the output
+    folder, the mosaic folder and the run folder (``output/run``)."""
+    from .mosaic import write_mosaic
+
+    unknown = sorted(set(recipe_changes) - set(recipe))
+    if unknown:
+        raise TypeError(f"{name}() got unknown recipe entries {unknown}; known: {sorted(recipe)}")
+    recipe = {**recipe, **recipe_changes}
+    out = prepare_output(output, overwrite)
+    mosaic, run = out / "mosaic", out / "run"
+    log(f"writing {recipe['train_images']} + {recipe['val_images']} Fashion-MNIST mosaics of {recipe['img_size']} px "
+        f"to {mosaic}")
+    write_mosaic(mosaic, recipe["train_images"], recipe["val_images"], size=recipe["img_size"], seed=seed,
+                 data_dir=data_dir, overwrite=True)
+    return recipe, out, mosaic, run
+
+
+def mosaic_description(recipe: Dict[str, Any]) -> str:
+    """The val set a demo's figures were measured on, as its line and the card name it."""
+    return (f"Fashion-MNIST mosaics, {recipe['val_images']} val images of {recipe['img_size']} px "
+            "(items from Fashion-MNIST's test split)")
