@@ -6,6 +6,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from wszoo.training.data import FASHION_MNIST_DIR
+
+#: Debian's dataset-fashion-mnist is installed (the real data; else tests make a stand-in)
+HAS_FMNIST = Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").is_file()
+
 
 def write_idx(path: Path, array: np.ndarray) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)

@@ -1,25 +1,15 @@
 """``wszoo study detection`` end to end on a tiny mosaic set (the full study runs for about 90 minutes: see
 docs/detection.md), and the three detectors it compares: the same weights, only the normalization differs."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-from tests.data_fixtures import make_fashion_mnist
 from wszoo.cli import main
 from wszoo.detection import build_detector
 from wszoo.detection.study import REFERENCE_BATCH, format_table, with_normalization
 from wszoo.layers import is_ws_layer
-from wszoo.training.data import FASHION_MNIST_DIR
-
-
-@pytest.fixture(scope="module")
-def fmnist(tmp_path_factory) -> str:
-    if Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").is_file():
-        return FASHION_MNIST_DIR
-    return str(make_fashion_mnist(tmp_path_factory.mktemp("fm"), n_train=64, n_test=32))
 
 
 def _detector(norm: str) -> nn.Module:

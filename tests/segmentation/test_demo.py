@@ -4,29 +4,20 @@ pixel accuracy in [0, 100], a PNG of the size the panels make, a run ``wszoo seg
 same figures, and the one-line refusal of a used folder. The real demo, with the mIoU floor it measured, is
 ``slow``."""
 import re
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.data_fixtures import make_fashion_mnist
+from tests.data_fixtures import HAS_FMNIST
 from tests.helpers import run_cli
 from wszoo.segmentation.demo import PICTURE, SHOWN, segment_demo
 from wszoo.tools.showcase import grid_size
-from wszoo.training.data import FASHION_MNIST_DIR
 
-HAS_FMNIST = Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").is_file()
 #: half the mIoU `wszoo segment demo` measured (12.3, docs/segmentation.md and configs/trained_here/dense.json)
 MIOU_FLOOR = 6.1
 FIGURES = re.compile(r"^Fashion-MNIST mosaics, (\d+) val images of (\d+) px \(items from Fashion-MNIST's test split\): "
                      r"mIoU (\d+\.\d), pixel accuracy (\d+\.\d)$", re.M)
 
-
-@pytest.fixture(scope="module")
-def fmnist(tmp_path_factory) -> str:
-    if HAS_FMNIST:
-        return FASHION_MNIST_DIR
-    return str(make_fashion_mnist(tmp_path_factory.mktemp("fm"), n_train=60, n_test=30))
 
 
 @pytest.fixture(scope="module")
