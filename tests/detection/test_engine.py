@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from tests.data_fixtures import make_coco_shapes
 from tests.helpers import child_log, interrupt_second_epoch, run_cli, tree_snapshot
 from wszoo.cli import main
-from wszoo.detection import build_detector
+from wszoo.detection import build_detector, load_detector
 
 REPO = Path(__file__).resolve().parents[2]
 BACKBONE = "nf_regnet_b0"
@@ -125,6 +125,20 @@ def test_mask_rcnn_reports_mask_ap(few_shapes, tmp_path):
     assert {"bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50"} <= set(row)
     assert all(v is None or 0 <= v <= 100 for k, v in row.items() if k.startswith(("bbox_", "segm_")))
     assert any(k.startswith("roi_heads.mask_predictor") for k in load_file(str(out / "last" / "model.safetensors")))
+
+
+def test_test_proposals_are_saved_with_the_detector(few_shapes, tmp_path):
+    """--test-proposals reaches torchvision's RPN in evaluation (not in training) and the saved folder rebuilds
+    the detector with it: detect eval scores what the run validated."""
+    out = tmp_path / "proposals"
+    assert main(_train_args(few_shapes, out, "--epochs", "1", "-b", "4", "--test-proposals", "20")) == 0
+    saved = json.loads((out / "last" / "detector.json").read_text())["detector_kwargs"]
+    assert saved["rpn_pre_nms_top_n_test"] == saved["rpn_post_nms_top_n_test"] == 20
+    model, _ = load_detector(str(out / "last"))
+    model.eval()
+    assert (model.rpn.pre_nms_top_n(), model.rpn.post_nms_top_n()) == (20, 20)
+    model.train()
+    assert model.rpn.post_nms_top_n() == 2000  # torchvision's training default, untouched
 
 
 def test_micro_batches_under_torchrun(shapes, tmp_path):

@@ -5,7 +5,7 @@ import argparse
 import json
 from typing import Any, Callable
 
-from .flags import config_from_args, count_arg, output_defaults_to_resume, ranged, rank0
+from .flags import config_from_args, count_arg, dense_train_flags, output_defaults_to_resume, rank0
 
 __all__ = ["add_parser", "run", "add_demo_parser"]
 
@@ -21,29 +21,14 @@ def add_parser(sub: Any) -> None:
     t.add_argument("--train-annotations", required=True, help="their COCO instances json")
     t.add_argument("--val-images", default=None, help="default: --train-images")
     t.add_argument("--val-annotations", default=None, help="a COCO instances json: box (and mask) AP every epoch")
-    pretrained = t.add_mutually_exclusive_group()
-    pretrained.add_argument("--pretrained-backbone", dest="pretrained_backbone", action="store_true", default=None,
-                            help="start from the backbone's published weights (the default when it has some)")
-    pretrained.add_argument("--no-pretrained-backbone", dest="pretrained_backbone", action="store_false")
+    dense_train_flags(t, epochs=12, batch_size=2, warmup_iters=100)
     count_arg(t, "--frozen-stages", least=-1, default=None, help="default: 1 with published weights, else -1")
-    count_arg(t, "--epochs", default=12)
-    count_arg(t, "-b", "--batch-size", default=2, help="images per micro-batch per process")
-    count_arg(t, "--accum-steps", default=1, help="micro-batches per optimizer step")
-    ranged(t, "--lr", type=float, default=0.02, low=0, low_open=True)
-    ranged(t, "--weight-decay", type=float, default=1e-4, low=0)
-    count_arg(t, "--warmup-iters", least=0, default=100, help="optimizer steps of linear warmup")
-    t.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"])
     count_arg(t, "--min-size", default=None, help="the detector's resize (torchvision's default 800)")
     count_arg(t, "--max-size", default=None, help="(torchvision's default 1333)")
     count_arg(t, "--rois-per-image", default=None,
-               help="R-CNN box head samples per image (torchvision's default 512; the 4conv1fc GN+WS head's cost)")
-    count_arg(t, "-j", "--workers", least=0, default=0)
-    t.add_argument("--seed", type=int, default=0)
-    count_arg(t, "--log-interval", least=0, default=20)
-    t.add_argument("--output", default=None, help="directory for last/, best/, metrics.jsonl and the train state "
-                                                  "(default: the --resume directory)")
-    t.add_argument("--resume", default=None, help="a previous --output directory to continue from")
-    t.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
+              help="R-CNN box head samples per image (torchvision's default 512; the 4conv1fc GN+WS head's cost)")
+    count_arg(t, "--test-proposals", default=None,
+              help="RPN proposals per image in evaluation (torchvision's default 1000; few objects need fewer)")
     t.set_defaults(func=run)
     e = actions.add_parser("eval", help="COCO AP of a saved detector")
     e.add_argument("--checkpoint", required=True, help="a detector folder (runs/x/best)")

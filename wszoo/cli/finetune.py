@@ -4,7 +4,7 @@ import argparse
 import json
 from typing import Any
 
-from .flags import config_from_args, count_arg, model_flags, output_defaults_to_resume, ranged, rank0
+from .flags import config_from_args, count_arg, model_flags, output_defaults_to_resume, ranged, rank0, run_dir_flags
 
 __all__ = ["add_parser", "run"]
 
@@ -40,11 +40,7 @@ def add_parser(sub: Any) -> None:
     count_arg(p, "--limit-val", default=None)
     p.add_argument("--seed", type=int, default=0)
     count_arg(p, "--log-interval", least=0, default=50)
-    p.add_argument("--output", default=None,
-                   help="directory for checkpoints (last/, best/) and metrics.jsonl (default: the --resume directory)")
-    p.add_argument("--resume", default=None, help="a previous --output directory to continue from")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --output (by default an existing run is refused)")
+    run_dir_flags(p)
     p.set_defaults(func=run)
 
 

@@ -9,8 +9,8 @@ from typing import Any, Optional, Sequence, Type, TypeVar
 
 import torch
 
-__all__ = ["INTERPOLATIONS", "Range", "ranged", "count_arg", "model_flags", "count_params", "forward_report", "rank0",
-           "output_defaults_to_resume", "config_from_args"]
+__all__ = ["INTERPOLATIONS", "Range", "ranged", "count_arg", "model_flags", "run_dir_flags", "dense_train_flags",
+           "count_params", "forward_report", "rank0", "output_defaults_to_resume", "config_from_args"]
 
 _Config = TypeVar("_Config")
 
@@ -74,6 +74,36 @@ def model_flags(p: argparse.ArgumentParser) -> None:
     count_arg(p, "-j", "--workers", least=0, default=0)
     p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"],
                    help="autocast dtype: bf16 (default) or fp16")
+
+
+def run_dir_flags(p: argparse.ArgumentParser) -> None:
+    """Where a training run is written, and whether it continues or replaces one (every train command)."""
+    p.add_argument("--output", default=None, help="directory for last/, best/, metrics.jsonl and the train state "
+                                                  "(default: the --resume directory)")
+    p.add_argument("--resume", default=None, help="a previous --output directory to continue from")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --output (by default an existing run is refused)")
+
+
+def dense_train_flags(p: argparse.ArgumentParser, *, epochs: int, batch_size: int, warmup_iters: int) -> None:
+    """The training engine's flags that ``detect train`` and ``segment train`` share (the fields of
+    :class:`wszoo.training.config.DensePredictionConfig`), with each task's defaults."""
+    pretrained = p.add_mutually_exclusive_group()
+    pretrained.add_argument("--pretrained-backbone", dest="pretrained_backbone", action="store_true", default=None,
+                            help="start from the backbone's published weights (the default when it has some)")
+    pretrained.add_argument("--no-pretrained-backbone", dest="pretrained_backbone", action="store_false")
+    count_arg(p, "--epochs", default=epochs)
+    count_arg(p, "-b", "--batch-size", default=batch_size, help="images per micro-batch per process")
+    count_arg(p, "--accum-steps", default=1, help="micro-batches per optimizer step")
+    ranged(p, "--lr", type=float, default=0.02, low=0, low_open=True)
+    ranged(p, "--weight-decay", type=float, default=1e-4, low=0)
+    count_arg(p, "--warmup-iters", least=0, default=warmup_iters, help="optimizer steps of linear warmup")
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"],
+                   help="autocast dtype: bf16 (default) or fp16")
+    count_arg(p, "-j", "--workers", least=0, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    count_arg(p, "--log-interval", least=0, default=20)
+    run_dir_flags(p)
 
 
 def count_params(model: torch.nn.Module) -> int:

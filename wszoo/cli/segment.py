@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from .detect import add_demo_parser
-from .flags import config_from_args, count_arg, output_defaults_to_resume, ranged, rank0
+from .flags import config_from_args, count_arg, dense_train_flags, output_defaults_to_resume, rank0
 
 __all__ = ["add_parser", "run"]
 
@@ -21,26 +21,9 @@ def _train_parser(actions: Any) -> None:
     t.add_argument("--train-split", default="train")
     t.add_argument("--val-split", default="val", help="mIoU on it after every epoch picks best/")
     t.add_argument("--backbone", default="resnet50_gn_ws")
-    pretrained = t.add_mutually_exclusive_group()
-    pretrained.add_argument("--pretrained-backbone", dest="pretrained_backbone", action="store_true", default=None,
-                            help="start from the backbone's published weights (the default when it has some)")
-    pretrained.add_argument("--no-pretrained-backbone", dest="pretrained_backbone", action="store_false")
     t.add_argument("--output-stride", type=int, choices=[8, 16], default=8)
     count_arg(t, "--img-size", default=480, help="the training crops' side; val images' shorter side")
-    count_arg(t, "--epochs", default=30)
-    count_arg(t, "-b", "--batch-size", default=4, help="images per micro-batch per process")
-    count_arg(t, "--accum-steps", default=1, help="micro-batches per optimizer step")
-    ranged(t, "--lr", type=float, default=0.02, low=0, low_open=True)
-    ranged(t, "--weight-decay", type=float, default=1e-4, low=0)
-    count_arg(t, "--warmup-iters", least=0, default=0, help="optimizer steps of linear warmup")
-    t.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"])
-    count_arg(t, "-j", "--workers", least=0, default=0)
-    t.add_argument("--seed", type=int, default=0)
-    count_arg(t, "--log-interval", least=0, default=20)
-    t.add_argument("--output", default=None, help="directory for last/, best/, metrics.jsonl and the train state "
-                                                  "(default: the --resume directory)")
-    t.add_argument("--resume", default=None, help="a previous --output directory to continue from")
-    t.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
+    dense_train_flags(t, epochs=30, batch_size=4, warmup_iters=0)
     t.set_defaults(func=run)
 
 

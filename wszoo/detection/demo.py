@@ -16,10 +16,9 @@ Example::
 """
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
-import torch.nn as nn
 
 from ..tools.showcase import draw_boxes, mosaic_description, save_grid, start_demo
 from ..training.engine import train
@@ -47,20 +46,9 @@ def _train_config(mosaic: Path, run: Path, recipe: Dict[str, Any], seed: int) ->
         train_images=str(mosaic / "JPEGImages"), train_annotations=str(mosaic / "annotations/instances_train.json"),
         kind="fasterrcnn", backbone="resnet18_gn_ws", pretrained_backbone=False, frozen_stages=-1,
         min_size=recipe["img_size"], max_size=recipe["img_size"], rois_per_image=recipe["rois_per_image"],
+        test_proposals=TEST_PROPOSALS,
         epochs=recipe["epochs"], batch_size=recipe["batch_size"], lr=recipe["lr"],
         warmup_iters=recipe["warmup_iters"], seed=seed, output=str(run), overwrite=True, log_interval=0)
-
-
-class _DemoTask(DetectionTask):
-    """The detection task with :data:`TEST_PROPOSALS` proposals in evaluation, saved in ``detector.json`` so that
-    ``wszoo detect eval`` rebuilds the same detector."""
-
-    def build(self) -> Tuple[nn.Module, CocoDetection]:
-        model, train_set = super().build()
-        model.rpn._pre_nms_top_n["testing"] = model.rpn._post_nms_top_n["testing"] = TEST_PROPOSALS
-        self.build_args["detector_kwargs"].update(rpn_pre_nms_top_n_test=TEST_PROPOSALS,
-                                                  rpn_post_nms_top_n_test=TEST_PROPOSALS)
-        return model, train_set
 
 
 @torch.no_grad()
@@ -97,7 +85,7 @@ def detect_demo(output: Union[str, Path] = "wszoo-detect-demo", *, seed: int = 0
                                           log)
     log(f"training a Faster R-CNN on resnet18_gn_ws from random weights for {recipe['epochs']} epochs into {run}")
     config = _train_config(mosaic, run, recipe, seed)
-    train(_DemoTask(config), config)
+    train(DetectionTask(config), config)
     checkpoint = run / "last"
     images, annotations = mosaic / "JPEGImages", mosaic / "annotations/instances_val.json"
     box = detect_eval(str(checkpoint), str(images), str(annotations))["bbox"]

@@ -87,9 +87,7 @@ class _StudyTask(DetectionTask):
     def build(self) -> Tuple[nn.Module, CocoDetection]:
         config = self.config
         train_set = self._datasets()
-        detector_kwargs = {"min_size": config.min_size, "max_size": config.max_size,
-                           "box_batch_size_per_image": config.rois_per_image,
-                           "rpn_pre_nms_top_n_test": TEST_PROPOSALS, "rpn_post_nms_top_n_test": TEST_PROPOSALS}
+        detector_kwargs = self.detector_kwargs()
         categories = dict(zip(train_set.category_ids, train_set.classes, strict=True))
         self.build_args = {"kind": config.kind, "backbone": config.backbone, "num_classes": train_set.num_classes,
                            "detector_kwargs": detector_kwargs, "categories": categories, "norm": self.norm}
@@ -133,7 +131,8 @@ def _run(norm: str, batch_size: int, settings: Dict[str, Any], mosaic: Path, wor
         train_images=str(mosaic / "JPEGImages"), train_annotations=str(annotations / "instances_train.json"),
         val_annotations=str(annotations / "instances_val.json"), kind=settings["kind"], backbone=BACKBONE,
         pretrained_backbone=False, frozen_stages=-1, min_size=settings["img_size"], max_size=settings["img_size"],
-        rois_per_image=settings["rois_per_image"], epochs=settings["epochs"], batch_size=batch_size, lr=lr,
+        rois_per_image=settings["rois_per_image"], test_proposals=TEST_PROPOSALS, epochs=settings["epochs"],
+        batch_size=batch_size, lr=lr,
         warmup_iters=math.ceil(settings["warmup_images"] / batch_size), seed=settings["seed"],
         output=str(work / f"{norm}_b{batch_size}"), log_interval=0)
     task = _StudyTask(config, norm)
@@ -200,13 +199,22 @@ def detection_study(
                 res = runs.setdefault(norm, {})[bs] = _run(norm, bs, settings, mosaic, Path(scratch))
                 ap = "diverged" if res["diverged"] else f"box AP {res['bbox_AP']:.2f} (AP50 {res['bbox_AP50']:.2f})"
                 log(f"{norm:6s} batch {bs:2d}: {ap}  ({res['steps']} steps, {res['train_seconds']}s)")
+                if output:  # arms so far, so that a stopped study keeps what it measured
+                    _write_json(Path(output) / "detection.partial.json", {"settings": settings, "runs": runs})
     study = {"settings": settings, "runs": runs}
     if output:
         out = Path(output)
-        (out / "detection.json").write_text(json.dumps(study, indent=1) + "\n")
+        _write_json(out / "detection.json", study)
+        (out / "detection.partial.json").unlink(missing_ok=True)
         (out / "detection.md").write_text(format_table(study) + "\n")
         _plot(study, out / "detection_loss.png")
     return study
+
+
+def _write_json(path: Path, study: Dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(study, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def _cell(run: Dict[str, Any], kind: str) -> str:

@@ -53,6 +53,8 @@ class DetectTrainConfig(DensePredictionConfig):
         min_size: the detector's resize (torchvision's default 800).
         max_size: (torchvision's default 1333).
         rois_per_image: R-CNN box head samples per image (torchvision's default 512).
+        test_proposals: RPN proposals kept per image in evaluation, before and after NMS (torchvision's default
+            1000; an image with a few objects needs far fewer, and the box head's time follows this count).
     """
 
     train_images: str
@@ -67,6 +69,7 @@ class DetectTrainConfig(DensePredictionConfig):
     min_size: Optional[int] = None
     max_size: Optional[int] = None
     rois_per_image: Optional[int] = None
+    test_proposals: Optional[int] = None
     epochs: int = 12
     batch_size: int = 2
 
@@ -95,12 +98,21 @@ class DetectionTask(Task):
                                  f"ones {train_set.category_ids}")
         return train_set
 
+    def detector_kwargs(self) -> Dict[str, Any]:
+        """torchvision's detector arguments the config sets (saved with the detector, which they rebuild)."""
+        config = self.config
+        kwargs = {k: v for k, v in (("min_size", config.min_size), ("max_size", config.max_size)) if v}
+        if config.kind != "retinanet":  # the R-CNN heads' settings
+            if config.rois_per_image:
+                kwargs["box_batch_size_per_image"] = config.rois_per_image
+            if config.test_proposals:
+                kwargs["rpn_pre_nms_top_n_test"] = kwargs["rpn_post_nms_top_n_test"] = config.test_proposals
+        return kwargs
+
     def build(self) -> Tuple[nn.Module, CocoDetection]:
         config = self.config
         train_set = self._datasets()
-        detector_kwargs = {k: v for k, v in (("min_size", config.min_size), ("max_size", config.max_size)) if v}
-        if config.rois_per_image and config.kind != "retinanet":
-            detector_kwargs["box_batch_size_per_image"] = config.rois_per_image
+        detector_kwargs = self.detector_kwargs()
         categories = dict(zip(train_set.category_ids, train_set.classes, strict=True))
         self.build_args = {"kind": config.kind, "backbone": config.backbone, "num_classes": train_set.num_classes,
                            "detector_kwargs": detector_kwargs, "categories": categories}
