@@ -165,7 +165,7 @@ def detection_study(
     train_images: int = 800,
     val_images: int = 200,
     img_size: int = 64,
-    epochs: int = 3,
+    epochs: int = 4,
     lr: float = 0.02,
     kind: str = "fasterrcnn",
     rois_per_image: int = 32,
