@@ -147,3 +147,56 @@ def test_all_at_once_dispatches_a_few_operators(name):
     assert count_dispatches(lambda: _per_parameter_agc(params, 0.01, 1e-3)) > 2000
     assert count_dispatches(lambda: adaptive_clip_grad(params, 0.01)) <= 300
     assert count_dispatches(lambda: adaptive_clip_grad(params, 0.01, concatenate=True)) <= 150  # (GPUs)
+
+
+def _train_grads(model, x):
+    model.zero_grad(set_to_none=False)
+    model(x).square().mean().backward()
+
+
+@pytest.mark.parametrize("name", ["nf_resnet26", "resnet18_gn_ws"])
+def test_a_training_step_reuses_the_filter_norms_its_standardization_recorded(name):
+    """After a training forward, AGC reads each WS weight's filter norms from that forward's statistics
+    (no pass over the weights): the per-parameter definition to float32 rounding, in fewer operators; a weight
+    changed since (an in-place edit, load_state_dict, an optimizer step) is measured again, never served stale."""
+    from wszoo.layers.standardize import recorded_filter_norms
+    from wszoo.speed import ws_layers
+    from wszoo.tools.bench import count_dispatches
+
+    torch.manual_seed(0)
+    model = wszoo.create_model(name, num_classes=5).train()
+    params = agc_parameters(model)
+    ws_weights = [layer.weight for _, layer in ws_layers(model)]
+    x = torch.randn(2, 3, 64, 64)
+    _train_grads(model, x)
+    assert all(recorded_filter_norms(w, torch.float32) is None for w in ws_weights)  # nobody asked yet
+    measured = count_dispatches(lambda: adaptive_clip_grad(params, 1e9))  # (this call asks)
+    _train_grads(model, x)
+    assert all(recorded_filter_norms(w, torch.float32) is not None for w in ws_weights)
+    assert count_dispatches(lambda: adaptive_clip_grad(params, 1e9)) <= measured - len(ws_weights)
+
+    def agc_and_definition():
+        grads = [p.grad.clone() for p in params]
+        adaptive_clip_grad(params, 1e-9)  # (a factor that clips every unit a gradient reaches)
+        ours = [p.grad.clone() for p in params]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        _per_parameter_agc(params, 1e-9, 1e-3)
+        for got, p in zip(ours, params, strict=True):
+            torch.testing.assert_close(got, p.grad, rtol=2e-6, atol=0)
+        return sum(not torch.equal(got, g) for got, g in zip(ours, grads, strict=True))
+
+    # most parameters a gradient reaches are clipped: the norms decide for real
+    assert agc_and_definition() > sum(bool(p.grad.any()) for p in params) // 2
+    # changed after the forward: tripled weights, where stale norms would be a third of the true ones
+    with torch.no_grad():
+        ws_weights[0].mul_(3.0)
+    state = model.state_dict()
+    key = next(k for k, v in state.items() if v.data_ptr() == ws_weights[1].data_ptr())
+    model.load_state_dict({**state, key: state[key] * 3.0})
+    assert recorded_filter_norms(ws_weights[0], torch.float32) is None
+    assert recorded_filter_norms(ws_weights[1], torch.float32) is None
+    agc_and_definition()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()  # every weight moves: every record is stale
+    assert all(recorded_filter_norms(w, torch.float32) is None for w in ws_weights)
+    agc_and_definition()

@@ -10,6 +10,8 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from .layers.standardize import recorded_filter_norms, request_filter_norms
+
 __all__ = ["unitwise_norm", "adaptive_clip_grad", "agc_parameters", "attach_agc"]
 
 Params = Union[torch.Tensor, Iterable[torch.Tensor]]
@@ -36,6 +38,14 @@ def adaptive_clip_grad(parameters: Params, clip_factor: float = 0.01, eps: float
     CPU wants, where copying the weights costs more than the operators it saves) or, with ``concatenate``
     (default: on accelerators, where launches cost more than copies), on the weights of one unit shape
     concatenated (two operators per distinct ``shape[1:]``).
+
+    A WS layer's weight is not read at all where the layer's training forward since its last change recorded
+    the filter norms from its standardization's own mean and variance (``||W_i||^2 = n (var_i + mean_i^2)``,
+    :func:`wszoo.layers.standardize.standardize_weight_and_norms`): the first call asks every weight for
+    them, each later forward records them (a few operators on ``out`` numbers per layer), and a weight whose
+    storage or version counter moved since (an optimizer step, an in-place edit, ``load_state_dict``) is
+    measured again. Not recorded (so measured here): grouped standardization (``group_ws``, the GPU default),
+    ``torch.compile``d forwards, transposed convs, plain layers.
     """
     if clip_factor <= 0:
         raise ValueError(f"clip_factor must be > 0, got {clip_factor}")
@@ -44,6 +54,8 @@ def adaptive_clip_grad(parameters: Params, clip_factor: float = 0.01, eps: float
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     buckets: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = {}
     for p in params:
+        if p.dim() > 1:  # a WS layer's next standardization records its filter norms for the next call
+            request_filter_norms(p)
         if p.grad is not None:
             buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p)
     for (device, dtype), members in buckets.items():
@@ -77,12 +89,16 @@ def _group_factors(group: List[torch.Tensor], clip_factor: float, eps: float, dt
         grad_norm = torch.stack(torch._foreach_norm([p.grad for p in group], 2, dtype=acc))
     else:
         dims = tuple(range(1, group[0].dim()))
+        # a WS weight's norms as its standardization recorded them this step, where they still hold
+        recorded = [recorded_filter_norms(p, acc) for p in group]
         if concatenate:  # one copy of the group's weights and gradients, one norm each
-            weight_norm = torch.linalg.vector_norm(torch.cat(group), dim=dims, keepdim=True, dtype=acc)
+            weight_norm = torch.cat(recorded) if all(r is not None for r in recorded) else \
+                torch.linalg.vector_norm(torch.cat(group), dim=dims, keepdim=True, dtype=acc)
             grad_norm = torch.linalg.vector_norm(torch.cat([p.grad for p in group]), dim=dims, keepdim=True,
                                                  dtype=acc)
         else:  # each weight read where it lies
-            weight_norm = torch.cat([torch.linalg.vector_norm(p, dim=dims, keepdim=True, dtype=acc) for p in group])
+            weight_norm = torch.cat([torch.linalg.vector_norm(p, dim=dims, keepdim=True, dtype=acc) if r is None
+                                     else r for p, r in zip(group, recorded, strict=True)])
             grad_norm = torch.cat([torch.linalg.vector_norm(p.grad, dim=dims, keepdim=True, dtype=acc)
                                    for p in group])
     factor = _clip_factor(weight_norm, grad_norm, clip_factor, eps)

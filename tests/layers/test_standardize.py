@@ -282,3 +282,29 @@ def test_scaled_gradients_reach_weight_and_gain_as_autograd_through_the_formula(
     (SCALED_REFERENCES[style](w_ref, eps, gain_ref, 1.3) * upstream).sum().backward()
     torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(gain.grad, gain_ref.grad, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("style", WS_STYLES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_filter_norms_come_from_the_standardization_statistics(style, dtype):
+    """standardize_weight_and_norms: the standardized weight bit for bit as standardize_weight gives it (the
+    timm styles through batch_norm's kernel that also returns the statistics), and each filter's L2 norm of the
+    raw weight from n (var + mean^2), to float rounding, zero filters included."""
+    from wszoo.layers.standardize import GAIN_STYLES, standardize_weight_and_norms
+
+    torch.manual_seed(0)
+    w = (torch.randn(24, 8, 3, 3) * 0.05 + 0.01).to(dtype).contiguous(memory_format=torch.channels_last)
+    w[3].zero_()
+    gain = torch.rand(24) + 0.5 if style in GAIN_STYLES else None
+    out, norms = standardize_weight_and_norms(w, style, gain=gain)
+    assert torch.equal(out, standardize_weight(w, style, gain=gain)) and out.dtype == dtype
+    stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    expected = torch.linalg.vector_norm(w.to(stats_dtype), dim=(1, 2, 3), keepdim=True)
+    assert norms.shape == (24, 1, 1, 1) and norms.dtype == stats_dtype
+    # batch_norm returns 1/sqrt(var + eps): var = invstd^-2 - eps keeps the rounding of var + eps, so a zero
+    # filter's norm is ~sqrt(n eps 2^-23) there (float32), where the fused styles give 0 exactly
+    from wszoo.layers.standardize import BATCH_NORM_STYLES
+    rounding = 2.0 ** -52 if stats_dtype == torch.float64 else 2.0 ** -23
+    atol = (72 * DEFAULT_EPS[style] * rounding * 4) ** 0.5 if style in BATCH_NORM_STYLES else 0.0
+    torch.testing.assert_close(norms, expected, rtol=1e-12 if dtype == torch.float64 else 2e-6, atol=atol)
+    assert norms[3].item() <= atol

@@ -377,7 +377,7 @@ class LayerGroup:
     def weight_for(self, layer: WSLayer) -> torch.Tensor:
         """``layer``'s standardized weight for a training forward (standardizing the whole group if needed)."""
         if not self.applies_to(layer):
-            return layer.standardized_weight()
+            return layer.fresh_weight()
         weight = self.result_for(layer)
         if weight is None:
             self.standardize()

@@ -24,15 +24,17 @@ fp16/bf16 autocast (float64 weights in float64), and the result is returned in t
 """
 import contextlib
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 # (row_scale, checked_eps, the layout and autocast helpers and the constants below are shared with the grouped
 # path, wszoo.layers.grouped, which computes the same formulas for many weights at once)
-__all__ = ["WS_STYLES", "SCALED_STYLES", "GAIN_STYLES", "DEFAULT_EPS", "standardize_weight", "check_style",
-           "fan_in_of"]
+__all__ = ["WS_STYLES", "SCALED_STYLES", "GAIN_STYLES", "DEFAULT_EPS", "standardize_weight",
+           "standardize_weight_and_norms", "request_filter_norms", "filter_norms_wanted", "record_filter_norms",
+           "recorded_filter_norms", "check_style", "fan_in_of"]
 
 
 #: The styles :func:`standardize_weight` understands.
@@ -88,11 +90,14 @@ class _Standardize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, w2d: torch.Tensor, scale: Optional[torch.Tensor], style: str, eps: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, w2d: torch.Tensor, scale: Optional[torch.Tensor], style: str, eps: float,  # type: ignore[override]
+                stats: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
         n = w2d.shape[1]
         mean = w2d.mean(1, keepdim=True)
         y = w2d - mean
         v = torch.linalg.vector_norm(y, dim=1, keepdim=True).square_().div_(n)
+        if stats is not None:  # the rows' mean and biased variance, for standardize_weight_and_norms
+            stats += [mean.view(-1), v.view(-1)]
         b, db = row_scale(style, v, n, eps)
         a = b if scale is None else b * scale.unsqueeze(1)
         y.mul_(a)
@@ -111,7 +116,7 @@ class _Standardize(torch.autograd.Function):
             rho.view(-1), True, 0.0, [need_w, need_scale, False])
         # d y / d scale = c * b, and sum(g * c * b) = sum(g * x_hat) * b / rho with x_hat = c * rho
         grad_scale = sum_g_xhat * b_over_rho.view(-1) if need_scale else None
-        return (grad_w.squeeze(0) if need_w else None), grad_scale, None, None
+        return (grad_w.squeeze(0) if need_w else None), grad_scale, None, None, None
 
 
 # rho where b'(v) = 0 (a clamp is active): small enough that rho^2 * sum(g c) vanishes, large enough that
@@ -246,8 +251,10 @@ def _standardize_fused(
     eps: Optional[float],
     gain: Optional[torch.Tensor],
     gamma: float,
+    stats: Optional[List[torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """The eager path: checks, channels-last layouts, float32 statistics under autocast, fused backward."""
+    """The eager path: checks, channels-last layouts, float32 statistics under autocast, fused backward.
+    ``stats``: a list that receives each row's mean and biased variance (from the standardization's own pass)."""
     eps = checked_eps(weight, style, eps, gain, gamma)
     fan_in = fan_in_of(weight)
     scaled = style in GAIN_STYLES
@@ -266,8 +273,72 @@ def _standardize_fused(
         scale = torch.full((weight.shape[0],), const, dtype=w2d.dtype, device=w2d.device) if gain is None \
             else gain.reshape(-1).to(w2d.dtype) * const
     with autocast_off(weight.device.type):
-        if style in BATCH_NORM_STYLES:
+        if style in BATCH_NORM_STYLES and stats is None:
             out = _batch_norm_rows(w2d, eps, scale)
+        elif style in BATCH_NORM_STYLES:  # batch_norm's own kernel, which also returns mean and 1/sqrt(var + eps)
+            out, mean, invstd = torch.native_batch_norm(w2d.unsqueeze(0), scale, None, None, None, True, 0.0, eps)
+            out = out.squeeze(0)
+            with torch.no_grad():
+                stats += [mean, invstd.pow(-2).sub_(eps).clamp_min_(0.0)]
         else:
-            out = _Standardize.apply(w2d.contiguous(), scale, style, eps)
+            out = _Standardize.apply(w2d.contiguous(), scale, style, eps, stats)
     return from_memory_order(out.to(weight.dtype).reshape(in_memory_order.shape), channels_last)
+
+
+def standardize_weight_and_norms(
+    weight: torch.Tensor,
+    style: str = "timm",
+    eps: Optional[float] = None,
+    gain: Optional[torch.Tensor] = None,
+    gamma: float = 1.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`standardize_weight`, and the L2 norm of each filter of ``weight`` as it is (not standardized),
+    shaped ``(out, 1, ...)`` to broadcast over it, in the statistics' dtype (float32; float64 for float64).
+
+    Why: adaptive gradient clipping (:mod:`wszoo.optim`) needs ``||W_i||`` at every step, and the
+    standardization has just computed each filter's mean and biased variance over its ``n`` weights, so
+    ``||W_i||^2 = n (var_i + mean_i^2)`` costs a few operators on ``out`` numbers instead of another pass
+    over the weight. (For the ``batch_norm`` styles the variance comes back as ``invstd^-2 - eps``, which keeps
+    the rounding of ``var + eps``: a filter's squared norm is then off by up to about ``n eps 2^-23``, which
+    matters only for filters of norm near ``sqrt(n eps) * 3e-4``, far below AGC's eps of 1e-3 for any
+    upstream eps.)
+    """
+    stats: List[torch.Tensor] = []
+    out = _standardize_fused(weight, style, eps, gain, gamma, stats)
+    mean, var = stats
+    with torch.no_grad():
+        norms = torch.addcmul(var, mean, mean).mul_(fan_in_of(weight)).sqrt_()
+    return out, norms.view((-1,) + (1,) * (weight.dim() - 1))
+
+
+# Weights whose filter norms an optimizer hook asked for (adaptive gradient clipping), each with the norms its
+# last standardization recorded and the (storage, version) they hold for. Keyed by identity, held weakly:
+# a weight that is freed leaves the table, and nothing is added to the parameter (nor to what pickles it).
+_FILTER_NORMS = WeakIdKeyDictionary()
+
+
+def request_filter_norms(weight: torch.Tensor) -> None:
+    """Ask every later standardization of ``weight`` in training to record its filter norms
+    (:func:`recorded_filter_norms`)."""
+    if weight not in _FILTER_NORMS:
+        _FILTER_NORMS[weight] = None
+
+
+def filter_norms_wanted(weight: torch.Tensor) -> bool:
+    """True if :func:`request_filter_norms` asked for ``weight``'s filter norms."""
+    return weight in _FILTER_NORMS
+
+
+def record_filter_norms(weight: torch.Tensor, norms: torch.Tensor) -> None:
+    """Keep ``norms`` (from :func:`standardize_weight_and_norms`) for ``weight`` as it is now."""
+    _FILTER_NORMS[weight] = ((weight.data_ptr(), weight._version), norms)
+
+
+def recorded_filter_norms(weight: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The filter norms recorded for ``weight`` in ``dtype``, if they still describe it: neither its storage nor
+    its version counter has moved since (every in-place change, optimizer step and ``load_state_dict`` moves
+    the counter, as for the eval cache); else ``None``, and the caller computes them."""
+    entry = _FILTER_NORMS.get(weight)
+    if entry is None or entry[0] != (weight.data_ptr(), weight._version) or entry[1].dtype != dtype:
+        return None
+    return entry[1]

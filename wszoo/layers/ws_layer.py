@@ -13,7 +13,15 @@ from typing import Any, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .standardize import DEFAULT_EPS, check_style, fan_in_of, standardize_weight
+from .standardize import (
+    DEFAULT_EPS,
+    check_style,
+    fan_in_of,
+    filter_norms_wanted,
+    record_filter_norms,
+    standardize_weight,
+    standardize_weight_and_norms,
+)
 
 __all__ = ["WSLayer", "is_ws_layer"]
 
@@ -78,6 +86,18 @@ class WSLayer:
         """The effective weight this layer convolves (or multiplies) with, computed now."""
         return standardize_weight(self.weight, self.ws_style, self.ws_eps, self.ws_gain(), self.ws_gamma)
 
+    def fresh_weight(self) -> torch.Tensor:
+        """:meth:`standardized_weight` for a training step; where adaptive gradient clipping asked for this
+        weight's filter norms (:func:`wszoo.layers.request_filter_norms`), they are recorded too, from the same
+        statistics, so the clip does not read the weight again."""
+        # (a layer that standardizes otherwise, e.g. a transposed conv's rows, is left to compute them)
+        if type(self).standardized_weight is not WSLayer.standardized_weight or not filter_norms_wanted(self.weight):
+            return self.standardized_weight()
+        weight, norms = standardize_weight_and_norms(self.weight, self.ws_style, self.ws_eps, self.ws_gain(),
+                                                     self.ws_gamma)
+        record_filter_norms(self.weight, norms)
+        return weight
+
     def forward_weight(self) -> torch.Tensor:
         """The standardized weight a forward pass uses now (see the class docstring for which)."""
         if torch.jit.is_scripting():  # TorchScript: recomputed, no Python-side state
@@ -96,7 +116,7 @@ class WSLayer:
             group = self.__dict__.get("_ws_group")
             if self.training and group is not None:
                 return group.weight_for(self)
-            return self.standardized_weight()
+            return self.fresh_weight()
         # Nothing it depends on can get a gradient here (eval under no_grad, frozen weights in training): the
         # standardized weight only changes with them, so it is computed once and reused.
         return self._cached_weight_for(tensors, settings)
@@ -180,7 +200,7 @@ class WSLayer:
         if self.is_accumulating:
             raise RuntimeError(f"{type(self).__name__} is already accumulating (nested accumulate_ws?)")
         if weight is None:
-            weight = self.standardized_weight()
+            weight = self.fresh_weight()
         stand_in = weight.detach().requires_grad_(weight.requires_grad)
         self.__dict__["_ws_accumulated"] = stand_in
         return weight, stand_in

@@ -244,24 +244,30 @@ def _bench_frozen(model: nn.Module, size: int, train_batch: int, repeats: int, w
     return entry
 
 
-def _bench_agc(model: nn.Module, repeats: int, warmup: int, dev: torch.device, ratios: Dict[str, float]
+def _bench_agc(model: nn.Module, size: int, repeats: int, warmup: int, dev: torch.device, ratios: Dict[str, float]
                ) -> Dict[str, Any]:
     """One optimizer step (SGD, Nesterov momentum, weight decay: finetune's) with adaptive gradient clipping on
-    every parameter but the classifier, against the same step without; and the operators one AGC call
-    dispatches, ours (all parameters at once) and timm's ``adaptive_clip_grad`` (parameter by parameter)."""
+    every parameter but the classifier, against the same step without, each timed right after a forward and
+    backward (one image) as in training, where the WS layers' standardization has just recorded the filter norms
+    the clip reads; and the operators one AGC call dispatches, ours (all parameters at once) and timm's
+    ``adaptive_clip_grad`` (parameter by parameter)."""
     from timm.utils.agc import adaptive_clip_grad as timm_agc
 
-    net = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(0)
-    for p in net.parameters():
-        p.grad = (torch.randn(p.shape, generator=gen) * 0.05).to(dev)
+    net = copy.deepcopy(model).train()
     params = agc_parameters(net)
     opt = torch.optim.SGD(net.parameters(), lr=1e-6, momentum=0.9, nesterov=True, weight_decay=1e-5)
+    x = torch.randn(1, model.in_chans, size, size, device=dev)
+
+    def forward_backward() -> None:
+        opt.zero_grad(set_to_none=False)
+        net(x).float().square().mean().backward()
+
     fns = {"sgd": opt.step, "sgd_agc": lambda: (adaptive_clip_grad(params, 0.01), opt.step())}
     med: Dict[str, float] = {}
-    t = time_interleaved(fns, repeats, warmup, dev, med)
+    t = time_interleaved(fns, repeats, max(warmup, 1), dev, med, setup=forward_backward)
     entry = timing_entry(t, med, 2)
     entry["sgd_agc_vs_sgd"] = ratios["optimizer_step_agc_vs_none"] = ratio(t["sgd_agc"], t["sgd"])
+    forward_backward()
     entry["dispatches"] = {"agc": count_dispatches(lambda: adaptive_clip_grad(params, 0.01)),
                            "timm_agc": count_dispatches(lambda: timm_agc(params, 0.01)),
                            "sgd_step": count_dispatches(opt.step), "parameters": len(params)}
@@ -306,7 +312,7 @@ def benchmark_model(
     ratios["standardize_grouped_vs_per_layer"] = ratio(standardize["grouped"], standardize["per_layer"])
     result["accumulate"] = _bench_accumulate(model, plain, size, accum_steps, repeats, warmup, dev, ratios)
     result["frozen_backbone"] = _bench_frozen(model, size, min(train_batch, 2), repeats, warmup, dev, ratios)
-    result["agc"] = _bench_agc(model, repeats, warmup, dev, ratios)
+    result["agc"] = _bench_agc(model, size, repeats, warmup, dev, ratios)
     result["memory"] = memory
     result["ratios"] = ratios
     return result

@@ -23,12 +23,15 @@ def _sync(device: torch.device) -> None:
 
 
 def time_interleaved(fns: Dict[str, Callable[[], Any]], repeats: int, warmup: int, device: torch.device,
-                 medians: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+                     medians: Optional[Dict[str, float]] = None,
+                     setup: Optional[Callable[[], Any]] = None) -> Dict[str, float]:
     """Best-of-``repeats`` seconds per call of each fn, timing them round-robin so drift hits all alike;
-    ``medians`` (if given) receives the medians."""
+    ``medians`` (if given) receives the medians; ``setup`` (if given) runs untimed before every call."""
     times: Dict[str, List[float]] = {k: [] for k in fns}
     for i in range(warmup + repeats):
         for name, fn in fns.items():
+            if setup is not None:
+                setup()
             _sync(device)
             start = time.perf_counter()
             fn()
