@@ -64,10 +64,11 @@ def classifier(name: str, dev: torch.device, batch: int, img_size: int | None, r
 
 def agc(name: str, dev: torch.device, repeats: int) -> dict:
     """An SGD step (Nesterov, weight decay) with AGC on every parameter but the classifier against the step
-    without: ours concatenated (the GPU default), ours per weight, and timm's per-parameter loop."""
+    without: ours concatenated (the GPU default), ours per weight, timm's per-parameter loop, and the clip inside
+    a per-parameter SGD step (SGDWithAGC, the CPU's choice)."""
     from timm.utils.agc import adaptive_clip_grad as timm_agc
 
-    from wszoo.optim import adaptive_clip_grad, agc_parameters
+    from wszoo.optim import SGDWithAGC, adaptive_clip_grad, agc_parameters
 
     torch.manual_seed(0)
     model = wszoo.create_model(name).to(dev)
@@ -78,7 +79,10 @@ def agc(name: str, dev: torch.device, repeats: int) -> dict:
     fns = {"sgd": opt.step,
            "agc_concatenated": lambda: (adaptive_clip_grad(params, 0.01, concatenate=True), opt.step()),
            "agc_per_weight": lambda: (adaptive_clip_grad(params, 0.01, concatenate=False), opt.step()),
-           "timm_agc": lambda: (timm_agc(params, 0.01), opt.step())}
+           "timm_agc": lambda: (timm_agc(params, 0.01), opt.step()),
+           # the clip inside a per-parameter SGD step (the CPU's choice), for comparison on this device
+           "sgd_with_agc": SGDWithAGC(model.parameters(), params, lr=1e-6, momentum=0.9, nesterov=True,
+                                      weight_decay=1e-5, clip_factor=0.01).step}
     best = time_interleaved(fns, repeats=repeats, warmup=min(2, repeats), device=dev)
     dispatches = {"agc_concatenated": count_dispatches(lambda: adaptive_clip_grad(params, 0.01, concatenate=True)),
                   "agc_per_weight": count_dispatches(lambda: adaptive_clip_grad(params, 0.01, concatenate=False)),

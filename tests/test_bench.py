@@ -15,7 +15,8 @@ def test_report_has_every_ratio_positive_and_finite():
                 "train_b2_ws_channels_last_vs_contiguous", "accum2x1_ws_vs_plain", "accum2x1_ws_accumulate_vs_plain",
                 "eval_b1_ort_vs_folded", "eval_b2_ort_vs_folded",  # ONNX Runtime: in the test extra
                 "train_b2_grouped_vs_plain", "train_b2_grouped_vs_per_layer", "standardize_grouped_vs_per_layer",
-                "train_b2_frozen_backbone_ws_vs_folded", "optimizer_step_agc_vs_none"}
+                "train_b2_frozen_backbone_ws_vs_folded", "optimizer_step_agc_vs_none",
+                "optimizer_step_separate_agc_vs_none"}
     assert set(result["ratios"]) == expected
     assert all(math.isfinite(v) and v > 0 for v in result["ratios"].values())
     memory = result["memory"]

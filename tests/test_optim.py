@@ -147,6 +147,13 @@ def test_all_at_once_dispatches_a_few_operators(name):
     assert count_dispatches(lambda: _per_parameter_agc(params, 0.01, 1e-3)) > 2000
     assert count_dispatches(lambda: adaptive_clip_grad(params, 0.01)) <= 300
     assert count_dispatches(lambda: adaptive_clip_grad(params, 0.01, concatenate=True)) <= 150  # (GPUs)
+    # the clip inside the SGD step (--clip-mode agc on the CPU): what it adds to torch's step of the same settings
+    from wszoo.optim import SGDWithAGC
+
+    settings = dict(lr=1e-6, momentum=0.9, nesterov=True, weight_decay=1e-5)
+    sgd = torch.optim.SGD(model.parameters(), **settings)
+    fused = SGDWithAGC(model.parameters(), params, clip_factor=0.01, **settings)
+    assert count_dispatches(fused.step) - count_dispatches(sgd.step) <= 300
 
 
 def _train_grads(model, x):
@@ -200,3 +207,63 @@ def test_a_training_step_reuses_the_filter_norms_its_standardization_recorded(na
     torch.optim.SGD(model.parameters(), lr=0.1).step()  # every weight moves: every record is stale
     assert all(recorded_filter_norms(w, torch.float32) is None for w in ws_weights)
     agc_and_definition()
+
+
+def _sgd_groups(model):
+    """finetune's layout: decay on the weights, none on vectors (biases, norms, gains)."""
+    return [{"params": [p for p in model.parameters() if p.dim() > 1], "weight_decay": 1e-3},
+            {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize("momentum, dampening, nesterov", [(0.0, 0.0, False), (0.9, 0.0, False), (0.9, 0.0, True),
+                                                          (0.9, 0.1, False)])
+def test_sgd_with_agc_is_the_clip_then_torch_sgd(momentum, dampening, nesterov):
+    """SGDWithAGC (the clip inside SGD's pass) against adaptive_clip_grad followed by torch.optim.SGD, over
+    three steps with the same gradients: float32 rounding apart the same weights; the classifier (not clipped)
+    bit for bit torch's; the state loads into torch.optim.SGD (a run can resume with either)."""
+    from wszoo.optim import SGDWithAGC
+
+    torch.manual_seed(0)
+    ours_model = wszoo.create_model("nf_regnet_b0", num_classes=5)
+    ref_model = copy.deepcopy(ours_model)
+    plain_model = copy.deepcopy(ours_model)
+    settings = dict(lr=0.05, momentum=momentum, dampening=dampening, nesterov=nesterov)
+    ours = SGDWithAGC(_sgd_groups(ours_model), agc_parameters(ours_model), clip_factor=0.01, **settings)
+    ref = torch.optim.SGD(_sgd_groups(ref_model), **settings)
+    plain = torch.optim.SGD(_sgd_groups(plain_model), **settings)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=gen) * 0.05 for p in ours_model.parameters()]
+        for model in (ours_model, ref_model, plain_model):
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.grad = g.clone()
+        ours.step()
+        adaptive_clip_grad(agc_parameters(ref_model), 0.01)
+        ref.step()
+        plain.step()
+    classifier = {id(p) for p in ours_model.get_classifier().parameters()}
+    assert len(classifier) == 2
+    for (name, a), b in zip(ours_model.named_parameters(), ref_model.parameters(), strict=True):
+        if id(a) in classifier:
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    moved = [not torch.allclose(a, c) for a, c in zip(ours_model.parameters(), plain_model.parameters(), strict=True)]
+    assert sum(moved) > len(moved) // 2  # the clip changed most steps: the comparison is not vacuous
+    resumed = torch.optim.SGD(_sgd_groups(plain_model), **settings)
+    resumed.load_state_dict(ours.state_dict())
+    if momentum:
+        assert all("momentum_buffer" in s for s in resumed.state.values())
+
+
+def test_sgd_with_agc_refuses_what_it_does_not_do():
+    from wszoo.optim import SGDWithAGC
+
+    w = nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="clip_factor and eps must be > 0"):
+        SGDWithAGC([w], [w], lr=0.1, clip_factor=0.0)
+    opt = SGDWithAGC([w], [w], lr=0.1)
+    opt.param_groups[0]["maximize"] = True
+    w.grad = torch.ones(4, 4)
+    with pytest.raises(ValueError, match="does not maximize"):
+        opt.step()

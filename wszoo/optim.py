@@ -12,7 +12,8 @@ import torch.nn as nn
 
 from .layers.standardize import recorded_filter_norms, request_filter_norms
 
-__all__ = ["unitwise_norm", "adaptive_clip_grad", "agc_parameters", "attach_agc"]
+__all__ = ["unitwise_norm", "adaptive_clip_grad", "agc_factors", "agc_parameters", "attach_agc",
+           "request_weight_norms", "SGDWithAGC"]
 
 Params = Union[torch.Tensor, Iterable[torch.Tensor]]
 
@@ -47,24 +48,36 @@ def adaptive_clip_grad(parameters: Params, clip_factor: float = 0.01, eps: float
     measured again. Not recorded (so measured here): grouped standardization (``group_ws``, the GPU default),
     ``torch.compile``d forwards, transposed convs, plain layers.
     """
+    clipped, factors = agc_factors(parameters, clip_factor, eps, concatenate)
+    if clipped:
+        torch._foreach_mul_([p.grad for p in clipped], factors)
+
+
+@torch.no_grad()
+def agc_factors(parameters: Params, clip_factor: float = 0.01, eps: float = 1e-3,
+                concatenate: Optional[bool] = None) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """What :func:`adaptive_clip_grad` multiplies the gradients by, without applying it: the parameters that
+    have a gradient and, for each, its per-unit factor (shaped to broadcast over it, in the gradient's dtype;
+    1 where a unit is within its limit). For an optimizer that applies them in its own pass
+    (:class:`SGDWithAGC`)."""
     if clip_factor <= 0:
         raise ValueError(f"clip_factor must be > 0, got {clip_factor}")
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     buckets: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = {}
+    request_weight_norms(params)
     for p in params:
-        if p.dim() > 1:  # a WS layer's next standardization records its filter norms for the next call
-            request_filter_norms(p)
         if p.grad is not None:
             buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p)
+    clipped: List[torch.Tensor] = []
+    factors: List[torch.Tensor] = []
     for (device, dtype), members in buckets.items():
         concat = device.type != "cpu" if concatenate is None else concatenate
-        groups = _unit_groups(members, concat)
-        pieces: List[torch.Tensor] = []
-        for group in groups:
-            pieces += _group_factors(group, clip_factor, eps, dtype, concat)
-        torch._foreach_mul_([p.grad for group in groups for p in group], pieces)
+        for group in _unit_groups(members, concat):
+            clipped += group
+            factors += _group_factors(group, clip_factor, eps, dtype, concat)
+    return clipped, factors
 
 
 def _unit_groups(members: List[torch.Tensor], concatenate: bool) -> List[List[torch.Tensor]]:
@@ -137,8 +150,93 @@ def attach_agc(optimizer: torch.optim.Optimizer, model: nn.Module, clip_factor: 
     if clip_factor <= 0 or eps <= 0:
         raise ValueError(f"clip_factor and eps must be > 0, got {clip_factor}, {eps}")
     params = agc_parameters(model)
+    request_weight_norms(params)
 
     def hook(opt, args, kwargs):
         adaptive_clip_grad(params, clip_factor, eps)
 
     return optimizer.register_step_pre_hook(hook)
+
+
+def request_weight_norms(params: Iterable[torch.Tensor]) -> None:
+    """Ask the WS layers holding these weights to record their filter norms at every training forward from now
+    on (:func:`adaptive_clip_grad` reads them). Done when a clip is set up (:func:`attach_agc`,
+    :class:`SGDWithAGC`, the training engine), so that every step of a run, the first one and the first after a
+    resume included, takes its norms the same way: a run resumed from its train state stays bit for bit the
+    run left alone (the norms from the statistics and those measured on the weight differ in the last bit)."""
+    for p in params:
+        if p.dim() > 1:
+            request_filter_norms(p)
+
+
+class SGDWithAGC(torch.optim.SGD):
+    """``torch.optim.SGD`` (momentum, dampening, Nesterov, weight decay; the same state, so checkpoints move
+    between the two) that clips the gradients of ``agc_params`` by AGC inside its own update.
+
+    Why: a separate clip reads every gradient for its norms and then reads and rewrites it to scale it, two
+    passes over the gradients' memory beside SGD's five or so; on a CPU that is bound by memory. Here the
+    factor ``f`` rides in the operators SGD runs anyway. With weight decay ``wd`` the clipped step is
+    ``d = G f + wd W``, formed as ``e = W + G f / wd`` by one ``addcmul`` (the pass that was ``G + wd W``) and
+    used as ``wd e`` through the ``alpha`` of the following operators; without decay, ``addcmul`` puts ``G f``
+    straight into the momentum buffer and the parameter. What remains of AGC is its norm of each gradient
+    (the weights' norms come from their WS standardization where recorded, see :func:`adaptive_clip_grad`).
+    The numbers are those of :func:`adaptive_clip_grad` followed by ``torch.optim.SGD`` to float32 rounding;
+    parameters outside ``agc_params`` take ``torch.optim.SGD``'s own operators, bit for bit. For the CPU, where
+    the step is bound by memory: it updates parameter by parameter (as torch's SGD does there), while on a GPU
+    torch's multi-tensor SGD after the separate clip launches far fewer kernels (the training engine picks this
+    class on the CPU only).
+    """
+
+    def __init__(self, params: Any, agc_params: Iterable[torch.Tensor], lr: float = 1e-3, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+                 clip_factor: float = 0.01, eps: float = 1e-3) -> None:
+        if clip_factor <= 0 or eps <= 0:
+            raise ValueError(f"clip_factor and eps must be > 0, got {clip_factor}, {eps}")
+        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                         nesterov=nesterov)
+        self.agc_params = list(agc_params)
+        self.clip_factor, self.agc_eps = clip_factor, eps
+        request_weight_norms(self.agc_params)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if any(group["maximize"] for group in self.param_groups) or any(
+                p.grad is not None and p.grad.is_sparse for group in self.param_groups for p in group["params"]):
+            raise ValueError("SGDWithAGC does not maximize and takes dense gradients (nothing was updated)")
+        clipped, factors = agc_factors(self.agc_params, self.clip_factor, self.agc_eps)
+        factor_of = {id(p): f for p, f in zip(clipped, factors, strict=True)}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group, factor_of.get(id(p)))
+        return loss
+
+    def _update(self, p: torch.Tensor, group: Dict[str, Any], factor: Optional[torch.Tensor]) -> None:
+        grad, lr, wd = p.grad, float(group["lr"]), group["weight_decay"]
+        momentum, dampening, nesterov = group["momentum"], group["dampening"], group["nesterov"]
+        if factor is None:  # torch.optim.SGD's single-tensor step, operator for operator
+            d, d_scale = (grad.add(p, alpha=wd) if wd else grad), 1.0
+        elif wd:  # e = W + G f / wd, so that wd e = G f + wd W (the clipped step with decay)
+            d, d_scale = torch.addcmul(p, grad, factor, value=1.0 / wd), wd
+        else:
+            d, d_scale = torch.mul(grad, factor), 1.0
+        if momentum:
+            state = self.state[p]
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = d.mul(d_scale) if d_scale != 1.0 else d.detach().clone()
+            else:
+                buf.mul_(momentum).add_(d, alpha=(1 - dampening) * d_scale)
+            if not nesterov:
+                p.add_(buf, alpha=-lr)
+                return
+            if d_scale == 1.0:
+                d = d.add(buf, alpha=momentum)
+            else:  # W - lr (wd e + momentum buf), without forming wd e
+                p.add_(d, alpha=-lr * d_scale).add_(buf, alpha=-lr * momentum)
+                return
+        p.add_(d, alpha=-lr * d_scale)

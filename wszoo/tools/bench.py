@@ -38,7 +38,7 @@ from .. import registry
 from ..factory import create_model
 from ..files import atomic_write_text
 from ..layers.grouped import standardize_layers
-from ..optim import adaptive_clip_grad, agc_parameters
+from ..optim import SGDWithAGC, adaptive_clip_grad, agc_parameters
 from ..speed import accumulate_ws, fold_ws, group_ws, tune_cpu_allocator, ws_layers
 from .timing import count_dispatches, ratio, saved_bytes, time_interleaved, timing_entry, train_step_fn
 
@@ -247,9 +247,11 @@ def _bench_frozen(model: nn.Module, size: int, train_batch: int, repeats: int, w
 def _bench_agc(model: nn.Module, size: int, repeats: int, warmup: int, dev: torch.device, ratios: Dict[str, float]
                ) -> Dict[str, Any]:
     """One optimizer step (SGD, Nesterov momentum, weight decay: finetune's) with adaptive gradient clipping on
-    every parameter but the classifier, against the same step without, each timed right after a forward and
-    backward (one image) as in training, where the WS layers' standardization has just recorded the filter norms
-    the clip reads; and the operators one AGC call dispatches, ours (all parameters at once) and timm's
+    every parameter but the classifier, against the same step without: the clip inside the step
+    (:class:`SGDWithAGC`, what ``--clip-mode agc`` runs with SGD) and as a separate pass before it
+    (:func:`adaptive_clip_grad`, what other optimizers get), each timed right after a forward and backward (one
+    image) as in training, where the WS layers' standardization has just recorded the filter norms the clip
+    reads; and the operators one AGC call dispatches, ours (all parameters at once) and timm's
     ``adaptive_clip_grad`` (parameter by parameter)."""
     from timm.utils.agc import adaptive_clip_grad as timm_agc
 
@@ -262,15 +264,21 @@ def _bench_agc(model: nn.Module, size: int, repeats: int, warmup: int, dev: torc
         opt.zero_grad(set_to_none=False)
         net(x).float().square().mean().backward()
 
-    fns = {"sgd": opt.step, "sgd_agc": lambda: (adaptive_clip_grad(params, 0.01), opt.step())}
+    fused = SGDWithAGC(net.parameters(), params, lr=1e-6, momentum=0.9, nesterov=True, weight_decay=1e-5,
+                       clip_factor=0.01)
+    fns = {"sgd": opt.step, "sgd_with_agc": fused.step,
+           "sgd_agc_separate": lambda: (adaptive_clip_grad(params, 0.01), opt.step())}
     med: Dict[str, float] = {}
     t = time_interleaved(fns, repeats, max(warmup, 1), dev, med, setup=forward_backward)
     entry = timing_entry(t, med, 2)
-    entry["sgd_agc_vs_sgd"] = ratios["optimizer_step_agc_vs_none"] = ratio(t["sgd_agc"], t["sgd"])
+    entry["sgd_with_agc_vs_sgd"] = ratios["optimizer_step_agc_vs_none"] = ratio(t["sgd_with_agc"], t["sgd"])
+    entry["sgd_agc_separate_vs_sgd"] = ratios["optimizer_step_separate_agc_vs_none"] = \
+        ratio(t["sgd_agc_separate"], t["sgd"])
     forward_backward()
     entry["dispatches"] = {"agc": count_dispatches(lambda: adaptive_clip_grad(params, 0.01)),
                            "timm_agc": count_dispatches(lambda: timm_agc(params, 0.01)),
-                           "sgd_step": count_dispatches(opt.step), "parameters": len(params)}
+                           "sgd_step": count_dispatches(opt.step), "sgd_with_agc_step": count_dispatches(fused.step),
+                           "parameters": len(params)}
     return entry
 
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import Fix, UsageError
-from ..optim import adaptive_clip_grad, agc_parameters
+from ..optim import SGDWithAGC, adaptive_clip_grad, agc_parameters, request_weight_norms
 from ..speed import accumulate_ws, tune_cpu_allocator, ws_layers
 from .config import TrainConfig
 from .distributed import all_reduce_gradients, init_distributed, is_main_process
@@ -54,6 +54,12 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0,
 
 def _optimizer(task: Task, model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     groups = task.param_groups(model, config.weight_decay)
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    # on the CPU the clip goes inside SGD's own pass over the gradients (memory-bound there); on accelerators
+    # torch's multi-tensor SGD and the separate clip launch fewer kernels
+    if config.opt == "sgd" and config.clip_mode == "agc" and on_cpu:
+        return SGDWithAGC(groups, agc_parameters(model), lr=config.lr, momentum=config.momentum,
+                          nesterov=config.nesterov, clip_factor=config.clip_grad)
     if config.opt == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
     if config.opt == "adamw":
@@ -92,6 +98,8 @@ def _prepare(task: Task, config: TrainConfig, rank: int, world: int, device: tor
         ema = ModelEmaV3(model, decay=config.ema_decay, device=device)
     clip_params = agc_parameters(model) if config.clip_mode == "agc" else \
         [p for p in model.parameters() if p.requires_grad]
+    if config.clip_mode == "agc":  # before the first forward, so that every step reads the norms the same way
+        request_weight_norms(clip_params)
     return Run(task=task, config=config, model=model, train_model=train_model, loader=loader,
                optimizer=optimizer, scheduler=scheduler, scaler=torch.amp.GradScaler(
                    device.type, enabled=config.amp == "fp16"), ema=ema, clip_params=clip_params, device=device,
@@ -103,7 +111,7 @@ def _optimizer_step(run: Run) -> None:
     config = run.config
     if config.clip_mode in ("agc", "norm"):
         run.scaler.unscale_(run.optimizer)  # nothing to undo without fp16's scaler
-        if config.clip_mode == "agc":
+        if config.clip_mode == "agc" and not isinstance(run.optimizer, SGDWithAGC):  # (which clips in its step)
             adaptive_clip_grad(run.clip_params, config.clip_grad)
         else:
             torch.nn.utils.clip_grad_norm_(run.clip_params, config.clip_grad)
