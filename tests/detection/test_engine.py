@@ -129,9 +129,12 @@ def test_mask_rcnn_reports_mask_ap(few_shapes, tmp_path):
 
 def test_test_proposals_are_saved_with_the_detector(few_shapes, tmp_path):
     """--test-proposals reaches torchvision's RPN in evaluation (not in training) and the saved folder rebuilds
-    the detector with it: detect eval scores what the run validated."""
+    the detector with it: detect eval scores what the run validated. (Trained with --clip-mode agc: on the CPU
+    the clip inside the SGD step, wszoo.optim.SGDWithAGC.)"""
     out = tmp_path / "proposals"
-    assert main(_train_args(few_shapes, out, "--epochs", "1", "-b", "4", "--test-proposals", "20")) == 0
+    assert main(_train_args(few_shapes, out, "--epochs", "1", "-b", "4", "--test-proposals", "20",
+                            "--clip-mode", "agc", "--clip-grad", "0.05")) == 0
+    assert _epochs(out)[0]["train_loss"] > 0
     saved = json.loads((out / "last" / "detector.json").read_text())["detector_kwargs"]
     assert saved["rpn_pre_nms_top_n_test"] == saved["rpn_post_nms_top_n_test"] == 20
     model, _ = load_detector(str(out / "last"))

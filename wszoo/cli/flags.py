@@ -98,6 +98,10 @@ def dense_train_flags(p: argparse.ArgumentParser, *, epochs: int, batch_size: in
     ranged(p, "--lr", type=float, default=0.02, low=0, low_open=True)
     ranged(p, "--weight-decay", type=float, default=1e-4, low=0)
     count_arg(p, "--warmup-iters", least=0, default=warmup_iters, help="optimizer steps of linear warmup")
+    p.add_argument("--clip-mode", choices=["none", "norm", "agc"], default="none",
+                   help="agc: adaptive gradient clipping (inside the SGD step on the CPU)")
+    ranged(p, "--clip-grad", type=float, default=0.01, low=0, low_open=True,
+           help="AGC clip factor, or the max grad norm")
     p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"],
                    help="autocast dtype: bf16 (default) or fp16")
     count_arg(p, "-j", "--workers", least=0, default=0)
