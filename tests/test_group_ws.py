@@ -231,6 +231,7 @@ def test_the_gpu_script_runs_here_at_small_sizes(tmp_path):
     assert report["maskrcnn"]["grouped_vs_plain"] > 0
     agc = report["agc"]["nf_regnet_b0"]
     assert agc["dispatches"]["agc_concatenated"] < agc["dispatches"]["timm_agc"] and agc["agc_concatenated_vs_sgd"] > 0
+    assert agc["sgd_with_agc_vs_sgd"] > 0  # the clip inside the step, timed beside the others
 
 
 def test_forwards_sharing_one_standardization_each_take_their_backward():
