@@ -171,3 +171,17 @@ def test_a_timm_pickle_folder_names_the_pickle_and_the_command_that_converts_it(
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(ours(x), theirs(x))
+
+
+def test_a_run_from_random_weights_is_carded_as_trained_not_as_untrained(tmp_path):
+    """Without --pretrained the card says the weights were trained from random initialization on the data,
+    not "fine-tuned from random initialization, not trained on ..." (a newcomer's report)."""
+    data = make_image_folder(tmp_path / "pets", classes=("cat", "dog"), per_class=4, size=28, splits=("train", "val"))
+    run = tmp_path / "scratch"
+    code, _, err = run_cli(["finetune", "--model", "resnet_mini_gn_ws", "--num-classes", "2", "--data-dir", str(data),
+                            "--epochs", "1", "-b", "4", "--log-interval", "0", "--output", str(run)])
+    assert code == 0, err
+    card = (run / "last" / "README.md").read_text()
+    assert "# resnet_mini_gn_ws, trained on ImageFolder 'pets' (8 training images)" in card
+    assert "trained from random initialization on ImageFolder 'pets' (8 training images) (1 epoch)." in card
+    assert "not trained" not in card and "fine-tuned" not in card

@@ -143,8 +143,11 @@ def describe_weights(description: Mapping[str, Any]) -> str:
     if kind == "converted":
         return f"converted by `wszoo convert` from `{description['file']}`"
     if kind == "fine-tuned":
-        return f"fine-tuned from {_base_phrase(description)} on {description['dataset']} " \
-               f"({description['epochs']} epochs)"
+        epochs = int(description["epochs"])
+        trained = f"on {description['dataset']} ({epochs} epoch{'' if epochs == 1 else 's'})"
+        if (description.get("base") or {}).get("kind") == "random":  # not "fine-tuned from ..., not trained"
+            return f"trained from random initialization {trained}"
+        return f"fine-tuned from {_base_phrase(description)} {trained}"
     if kind == "modified":
         return f"changed after loading {_base_phrase(description)} (trained or edited; not evaluated by wszoo)"
     if kind == "adapted":
@@ -162,7 +165,8 @@ def weights_title(architecture: str, description: Mapping[str, Any]) -> str:
     if kind == "published":
         return description["name"]
     if kind == "fine-tuned":
-        return f"{architecture}, fine-tuned on {description['dataset']}"
+        verb = "trained" if (description.get("base") or {}).get("kind") == "random" else "fine-tuned"
+        return f"{architecture}, {verb} on {description['dataset']}"
     if kind == "converted":
         return f"{architecture}, converted from {description['file']}"
     if kind == "random":
