@@ -205,6 +205,8 @@ def test_resume_with_other_settings_is_refused(eight_images, tmp_path):
         (["--epochs", "2", "--ema-decay", "0.9"], "did not use EMA"),
         (["--epochs", "2", "--lr", "0.1"], "that run used --lr 0.05; resume it with the same --lr"),
         (["--epochs", "2", "--seed", "1"], "that run used --seed 0; resume it with the same --seed"),
+        (["--epochs", "2", "--clip-mode", "agc"], "that run did not clip its gradients; resume it with --clip-mode "
+                                                  "none"),
     ]:
         code, _, err = run_cli(_tiny_run_args(eight_images, out, *extra, "--resume", str(out)))
         assert code == 2 and message in err and len(err.splitlines()) == 1, err
@@ -217,6 +219,24 @@ def test_resume_with_other_settings_is_refused(eight_images, tmp_path):
     code, _, err = run_cli(_tiny_run_args(eight_images, out, "--epochs", "2", "--resume", str(out)))
     assert code == 2 and "train_state.safetensors" in err and "not a readable safetensors file" in err, err
     assert tree_snapshot(out) == before
+
+
+def test_a_clipped_run_resumes_only_with_its_clipping(eight_images, tmp_path):
+    """A run with AGC resumed without --clip-mode (or with another factor) is refused, naming both flags: it
+    would otherwise go on unclipped (a newcomer's report)."""
+    from tests.helpers import run_cli, tree_snapshot
+
+    out = tmp_path / "agc"
+    assert run_cli(_tiny_run_args(eight_images, out, "--epochs", "1", "--clip-mode", "agc", "--clip-grad",
+                                  "0.02"))[0] == 0
+    before = tree_snapshot(out)
+    for extra in ([], ["--clip-mode", "agc"], ["--clip-mode", "norm", "--clip-grad", "0.02"]):
+        code, _, err = run_cli(_tiny_run_args(eight_images, out, "--epochs", "2", *extra, "--resume", str(out)))
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert "that run clipped its gradients with --clip-mode agc and --clip-grad 0.02" in err, err
+    assert tree_snapshot(out) == before
+    assert run_cli(_tiny_run_args(eight_images, out, "--epochs", "2", "--clip-mode", "agc", "--clip-grad", "0.02",
+                                  "--resume", str(out)))[0] == 0
 
 
 def test_a_diverging_run_stops_and_keeps_its_last_good_epoch(eight_images, tmp_path):

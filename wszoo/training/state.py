@@ -48,7 +48,8 @@ def _train_state_meta(run: Run, epoch: int, best: float) -> Dict[str, Any]:
     """What the run is (the task's identity, optimizer, lr, EMA, seed) and where it stands."""
     config = run.config
     return {"epoch": epoch, run.task.best_key: best, **run.task.identity(), "opt": config.opt, "lr": config.lr,
-            "ema": run.ema is not None, "seed": config.seed, "grad_scaler": run.scaler.state_dict()}
+            "clip_mode": config.clip_mode, "clip_grad": config.clip_grad, "ema": run.ema is not None,
+            "seed": config.seed, "grad_scaler": run.scaler.state_dict()}
 
 
 def _check_resumable(meta: Dict[str, Any], run: Run, src: Path) -> None:
@@ -64,6 +65,7 @@ def _check_resumable(meta: Dict[str, Any], run: Run, src: Path) -> None:
         raise UsageError("{resume}: that run used {lr}; resume it with the same {lr}{checkpoint}", where,
                          Fix("lr", f"{meta['lr']:g}"), Fix("checkpoint", repr(str(src / "last")),
                                                            phrase=" (for another, start a new run from {})"))
+    _check_clipping(meta, config, where)
     if meta.get("ema", run.ema is not None) != (run.ema is not None):
         raise UsageError(f"{{resume}}: that run {'used' if meta['ema'] else 'did not use'} EMA; pass the same "
                          "{ema_decay}", where, Fix("ema_decay", None))
@@ -73,6 +75,18 @@ def _check_resumable(meta: Dict[str, Any], run: Run, src: Path) -> None:
     if int(meta["epoch"]) + 1 >= config.epochs:
         raise UsageError(f"{{resume}}: epochs 0..{meta['epoch']} are done; pass {{epochs}} above "
                          f"{int(meta['epoch']) + 1} to train more", where, Fix("epochs", None))
+
+
+def _check_clipping(meta: Dict[str, Any], config: Any, where: Fix) -> None:
+    """A resumed run clips its gradients as it did (older train states do not say: not checked)."""
+    mode, factor = meta.get("clip_mode", config.clip_mode), meta.get("clip_grad", config.clip_grad)
+    if mode == config.clip_mode and (mode == "none" or factor == config.clip_grad):
+        return
+    if mode == "none":
+        raise UsageError("{resume}: that run did not clip its gradients; resume it with {clip_mode}", where,
+                         Fix("clip_mode", "'none'"))
+    raise UsageError("{resume}: that run clipped its gradients with {clip_mode}{clip_grad}; resume it with the same",
+                     where, Fix("clip_mode", repr(mode)), Fix("clip_grad", f"{factor:g}", phrase=" and {}"))
 
 
 def resume(run: Run, src: Path) -> Tuple[int, float, List[str]]:
