@@ -62,6 +62,23 @@ def test_finetune_values_out_of_range(flag, value, message, data, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--clip-mode", "norm"], "--clip-mode norm needs --clip-grad MAX_NORM: the largest global gradient norm"),
+    (["--clip-grad", "0.5"], "--clip-grad sets the clip of --clip-mode agc or norm; pass one of them too"),
+])
+def test_finetune_clip_grad_means_what_its_mode_says(extra, message, data, tmp_path):
+    """AGC's 0.01 is no default for a maximum norm, and a factor without a clip mode would be ignored."""
+    argv = [a.replace("OUT", str(tmp_path / "run")) for a in FINETUNE] + ["--data-dir", str(data["fm"]), *extra]
+    expect_one_line_error(argv, message, tmp_path)
+    assert not (tmp_path / "run").exists()
+
+
+def test_finetune_without_data_says_which_flag(tmp_path):
+    argv = ["finetune", "--model", "resnet_mini_gn_ws", "--output", str(tmp_path / "run")]
+    expect_one_line_error(argv, "no data to train on: pass --data-dir DIR", tmp_path)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--crop-pct", "0"], "--crop-pct must be in (0, 1], got 0"),
     (["--interpolation", "foo"], "argument --interpolation: invalid choice: 'foo'"),

@@ -5,7 +5,7 @@ import argparse
 import json
 from typing import Any, Callable
 
-from .flags import config_from_args, count_arg, dense_train_flags, output_defaults_to_resume, rank0
+from .flags import config_from_args, count_arg, dense_train_flags, output_defaults_to_resume, rank0, resolved_clip_flags
 
 __all__ = ["add_parser", "run", "add_demo_parser"]
 
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.action == "train":
         output_defaults_to_resume(args)
-        metrics = detect_train(config_from_args(DetectTrainConfig, args))
+        metrics = detect_train(config_from_args(DetectTrainConfig, resolved_clip_flags(args)))
         if rank0():  # every rank returns the metrics; one copy of them on stdout
             print(json.dumps(metrics))
     else:

@@ -4,7 +4,17 @@ import argparse
 import json
 from typing import Any
 
-from .flags import config_from_args, count_arg, model_flags, output_defaults_to_resume, ranged, rank0, run_dir_flags
+from .flags import (
+    clip_flags,
+    config_from_args,
+    count_arg,
+    model_flags,
+    output_defaults_to_resume,
+    ranged,
+    rank0,
+    resolved_clip_flags,
+    run_dir_flags,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -27,9 +37,7 @@ def add_parser(sub: Any) -> None:
     ranged(p, "--momentum", type=float, default=0.9, low=0, high=1, high_open=True)
     ranged(p, "--weight-decay", type=float, default=5e-4, low=0)
     ranged(p, "--warmup-epochs", type=float, default=0.5, low=0)
-    p.add_argument("--clip-mode", choices=["none", "norm", "agc"], default="none")
-    ranged(p, "--clip-grad", type=float, default=0.01, low=0, low_open=True,
-            help="AGC clip factor, or the max grad norm")
+    clip_flags(p)
     count_arg(p, "--freeze-stages", least=-1, default=-1, help="0: stem, k: stem and stages 1..k; -1: none")
     ranged(p, "--ema-decay", type=float, default=0.0, low=0, high=1, high_open=True,
             help="e.g. 0.999; 0 disables EMA")
@@ -51,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     output_defaults_to_resume(args)
-    config = config_from_args(FinetuneConfig, args, accumulate_ws=not args.no_accumulate_ws,
+    config = config_from_args(FinetuneConfig, resolved_clip_flags(args), accumulate_ws=not args.no_accumulate_ws,
                               tune_allocator=not args.no_tune_allocator)
     metrics = finetune(config)
     if rank0():  # every rank returns the metrics; one copy of them on stdout

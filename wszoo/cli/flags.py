@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence, Type, TypeVar
 import torch
 
 __all__ = ["INTERPOLATIONS", "Range", "ranged", "count_arg", "model_flags", "run_dir_flags", "dense_train_flags",
+           "clip_flags", "resolved_clip_flags",
            "count_params", "forward_report", "rank0", "output_defaults_to_resume", "config_from_args"]
 
 _Config = TypeVar("_Config")
@@ -76,6 +77,27 @@ def model_flags(p: argparse.ArgumentParser) -> None:
                    help="autocast dtype: bf16 (default) or fp16")
 
 
+def clip_flags(p: argparse.ArgumentParser) -> None:
+    """Gradient clipping (every train command); :func:`resolved_clip_flags` gives ``--clip-grad`` its meaning."""
+    p.add_argument("--clip-mode", choices=["none", "norm", "agc"], default="none",
+                   help="agc: adaptive gradient clipping (inside the SGD step on the CPU); norm: the global norm")
+    ranged(p, "--clip-grad", type=float, default=None, low=0, low_open=True,
+           help="AGC's clip factor (default 0.01) or, with --clip-mode norm, the largest gradient norm (required)")
+
+
+def resolved_clip_flags(args: argparse.Namespace) -> argparse.Namespace:
+    """``--clip-grad`` means AGC's factor or a maximum norm, so neither has a default for the other: a norm
+    must be given, and a value without a clip mode would be ignored. Fills in AGC's 0.01."""
+    if args.clip_mode == "none" and args.clip_grad is not None:
+        raise ValueError("--clip-grad sets the clip of --clip-mode agc or norm; pass one of them too")
+    if args.clip_mode == "norm" and args.clip_grad is None:
+        raise ValueError("--clip-mode norm needs --clip-grad MAX_NORM: the largest global gradient norm kept "
+                         "(e.g. 1.0)")
+    if args.clip_grad is None:
+        args.clip_grad = 0.01
+    return args
+
+
 def run_dir_flags(p: argparse.ArgumentParser) -> None:
     """Where a training run is written, and whether it continues or replaces one (every train command)."""
     p.add_argument("--output", default=None, help="directory for last/, best/, metrics.jsonl and the train state "
@@ -98,10 +120,7 @@ def dense_train_flags(p: argparse.ArgumentParser, *, epochs: int, batch_size: in
     ranged(p, "--lr", type=float, default=0.02, low=0, low_open=True)
     ranged(p, "--weight-decay", type=float, default=1e-4, low=0)
     count_arg(p, "--warmup-iters", least=0, default=warmup_iters, help="optimizer steps of linear warmup")
-    p.add_argument("--clip-mode", choices=["none", "norm", "agc"], default="none",
-                   help="agc: adaptive gradient clipping (inside the SGD step on the CPU)")
-    ranged(p, "--clip-grad", type=float, default=0.01, low=0, low_open=True,
-           help="AGC clip factor, or the max grad norm")
+    clip_flags(p)
     p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"],
                    help="autocast dtype: bf16 (default) or fp16")
     count_arg(p, "-j", "--workers", least=0, default=0)

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from .detect import add_demo_parser
-from .flags import config_from_args, count_arg, dense_train_flags, output_defaults_to_resume, rank0
+from .flags import config_from_args, count_arg, dense_train_flags, output_defaults_to_resume, rank0, resolved_clip_flags
 
 __all__ = ["add_parser", "run"]
 
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         segment_demo(args.output, seed=args.seed, overwrite=args.overwrite, data_dir=args.data_dir)
         return 0
     output_defaults_to_resume(args)
-    metrics = segment_train(config_from_args(SegmentTrainConfig, args))
+    metrics = segment_train(config_from_args(SegmentTrainConfig, resolved_clip_flags(args)))
     if rank0():  # every rank returns the metrics; one copy of them on stdout
         print(json.dumps(metrics))
     return 0

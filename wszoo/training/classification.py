@@ -83,7 +83,10 @@ def _datasets(config: FinetuneConfig, in_chans: int, train_tf, eval_tf) -> Tuple
     if name != "imagefolder":
         return (create_dataset(name, root, "train", train_tf, in_chans, config.limit_train),
                 create_dataset(name, root, "test", eval_tf, in_chans, config.limit_val))
-    if not root or not Path(root).is_dir():
+    if not root:
+        raise DataError("no data to train on: pass --data-dir DIR (an ImageFolder tree: DIR/train/<class>/*, "
+                        "DIR/val/<class>/*) or --dataset fashion-mnist")
+    if not Path(root).is_dir():
         raise DataError(f"data directory {root} does not exist")
     train_split = "train" if (Path(root) / "train").is_dir() else None
     train_set = create_dataset(name, root, train_split, train_tf, in_chans, config.limit_train)
