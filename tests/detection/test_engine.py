@@ -90,8 +90,12 @@ def test_resume_and_rerun_mistakes_are_refused_and_change_nothing(trained, shape
     assert code == 2 and "same --lr" in err
     code, _, err = run_cli(_train_args(shapes, trained, "--epochs", "3", "--lr", "0.02", "--resume", str(trained)))
     assert code == 2 and "pass --epochs above 3" in err
-    code, _, err = run_cli(_train_args(shapes, trained, "--epochs", "4", "--lr", "0.02", "--kind", "retinanet",
-                                       "--resume", str(trained)))
+    retinanet = _train_args(shapes, trained, "--epochs", "4", "--lr", "0.02", "--kind", "retinanet", "--resume",
+                            str(trained))
+    code, _, err = run_cli(retinanet)  # (SMALL sets --rois-per-image: an R-CNN setting)
+    assert code == 2 and "--rois-per-image and --test-proposals set the R-CNN heads" in err, err
+    del retinanet[retinanet.index("--rois-per-image"):retinanet.index("--rois-per-image") + 2]
+    code, _, err = run_cli(retinanet)
     assert code == 2 and "kind 'fasterrcnn'" in err
     assert tree_snapshot(trained) == before
 

@@ -64,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
         detect_demo(args.output, seed=args.seed, overwrite=args.overwrite, data_dir=args.data_dir)
         return 0
     if args.action == "train":
+        if args.kind == "retinanet" and (args.rois_per_image or args.test_proposals):
+            raise ValueError("--rois-per-image and --test-proposals set the R-CNN heads (sampled RoIs, RPN "
+                             "proposals); a retinanet has neither: drop them")
         output_defaults_to_resume(args)
         metrics = detect_train(config_from_args(DetectTrainConfig, resolved_clip_flags(args)))
         if rank0():  # every rank returns the metrics; one copy of them on stdout

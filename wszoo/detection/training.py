@@ -102,6 +102,9 @@ class DetectionTask(Task):
         """torchvision's detector arguments the config sets (saved with the detector, which they rebuild)."""
         config = self.config
         kwargs = {k: v for k, v in (("min_size", config.min_size), ("max_size", config.max_size)) if v}
+        if config.kind == "retinanet" and (config.rois_per_image or config.test_proposals):
+            raise ValueError("rois_per_image and test_proposals set the R-CNN heads (sampled RoIs, RPN proposals); "
+                             "a retinanet has neither: leave them unset")
         if config.kind != "retinanet":  # the R-CNN heads' settings
             if config.rois_per_image:
                 kwargs["box_batch_size_per_image"] = config.rois_per_image
