@@ -3,29 +3,22 @@
 pixel accuracy in [0, 100], a PNG of the size the panels make, a run ``wszoo segment eval`` scores again to the
 same figures, and the one-line refusal of a used folder. The real demo, with the mIoU floor it measured, is
 ``slow``."""
-import re
-
 import pytest
-from PIL import Image
 
 from tests.data_fixtures import HAS_FMNIST
+from tests.demo_checks import assert_png_of_size, assert_refuses_a_used_folder, figures_line, run_tiny_demo
 from tests.helpers import run_cli
 from wszoo.segmentation.demo import PICTURE, SHOWN, segment_demo
 from wszoo.tools.showcase import grid_size
 
 #: half the mIoU `wszoo segment demo` measured (12.3, docs/segmentation.md and configs/trained_here/dense.json)
 MIOU_FLOOR = 6.1
-FIGURES = re.compile(r"^Fashion-MNIST mosaics, (\d+) val images of (\d+) px \(items from Fashion-MNIST's test split\): "
-                     r"mIoU (\d+\.\d), pixel accuracy (\d+\.\d)$", re.M)
-
+FIGURES = figures_line(r"mIoU (\d+\.\d), pixel accuracy (\d+\.\d)")
 
 
 @pytest.fixture(scope="module")
 def tiny_demo(fmnist, tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "seg"
-    lines = []
-    result = segment_demo(out, data_dir=fmnist, log=lines.append, train_images=8, val_images=4, epochs=1, img_size=32)
-    return out, result, "\n".join(lines)
+    return run_tiny_demo(segment_demo, tmp_path_factory.mktemp("demo") / "seg", fmnist)
 
 
 def test_tiny_demo_prints_its_figures_and_draws_them(tiny_demo):
@@ -35,9 +28,7 @@ def test_tiny_demo_prints_its_figures_and_draws_them(tiny_demo):
     assert (int(match[1]), int(match[2])) == (4, 32)
     for key, shown in (("mIoU", match[3]), ("pixel_acc", match[4])):
         assert 0 <= result[key] <= 100 and f"{result[key]:.1f}" == shown
-    with Image.open(out / PICTURE) as picture:
-        assert picture.format == "PNG" and picture.size == grid_size(min(SHOWN, 4), 3)
-        picture.load()
+    assert_png_of_size(out / PICTURE, grid_size(min(SHOWN, 4), 3))
     assert f"wszoo segment eval --checkpoint {out / 'run' / 'last'} --data-dir {out / 'mosaic'}" in printed
 
 
@@ -50,13 +41,7 @@ def test_tiny_demo_run_scores_again_with_segment_eval(tiny_demo):
 
 
 def test_demo_refuses_a_used_folder_in_one_line(tiny_demo):
-    out, _, _ = tiny_demo
-    before = sorted(p.name for p in out.iterdir())
-    code, stdout, stderr = run_cli(["segment", "demo", "--output", str(out)])
-    assert code == 2 and stdout == ""
-    assert stderr.strip() == (f"wszoo segment demo: error: {out} is not empty: choose another folder or pass "
-                              "--overwrite to replace the demo in it")
-    assert sorted(p.name for p in out.iterdir()) == before
+    assert_refuses_a_used_folder("segment", tiny_demo[0])
 
 
 @pytest.mark.slow
