@@ -14,7 +14,7 @@ import random
 import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -52,13 +52,14 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0,
     return factor
 
 
-def _optimizer(task: Task, model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(task: Task, model: nn.Module, config: TrainConfig, clip_params: List[torch.Tensor]
+               ) -> torch.optim.Optimizer:
     groups = task.param_groups(model, config.weight_decay)
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
     # on the CPU the clip goes inside SGD's own pass over the gradients (memory-bound there); on accelerators
     # torch's multi-tensor SGD and the separate clip launch fewer kernels
     if config.opt == "sgd" and config.clip_mode == "agc" and on_cpu:
-        return SGDWithAGC(groups, agc_parameters(model), lr=config.lr, momentum=config.momentum,
+        return SGDWithAGC(groups, clip_params, lr=config.lr, momentum=config.momentum,
                           nesterov=config.nesterov, clip_factor=config.clip_grad)
     if config.opt == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
@@ -83,7 +84,11 @@ def _prepare(task: Task, config: TrainConfig, rank: int, world: int, device: tor
                         num_workers=config.workers, collate_fn=task.collate_fn,
                         generator=torch.Generator())  # seeded per epoch (seed_epoch)
     steps_per_epoch = math.ceil(len(loader) / config.accum_steps)
-    optimizer = _optimizer(task, model, config)
+    clip_params = agc_parameters(model) if config.clip_mode == "agc" else \
+        [p for p in model.parameters() if p.requires_grad]
+    if config.clip_mode == "agc":  # before the first forward, so that every step reads the norms the same way
+        request_weight_norms(clip_params)
+    optimizer = _optimizer(task, model, config, clip_params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
         steps_per_epoch * config.epochs, config.warmup_steps(steps_per_epoch),
         config.min_lr / config.lr if config.lr else 0.0, task.warmup_start))
@@ -96,10 +101,6 @@ def _prepare(task: Task, config: TrainConfig, rank: int, world: int, device: tor
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=config.ema_decay, device=device)
-    clip_params = agc_parameters(model) if config.clip_mode == "agc" else \
-        [p for p in model.parameters() if p.requires_grad]
-    if config.clip_mode == "agc":  # before the first forward, so that every step reads the norms the same way
-        request_weight_norms(clip_params)
     return Run(task=task, config=config, model=model, train_model=train_model, loader=loader,
                optimizer=optimizer, scheduler=scheduler, scaler=torch.amp.GradScaler(
                    device.type, enabled=config.amp == "fp16"), ema=ema, clip_params=clip_params, device=device,
